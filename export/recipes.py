@@ -1,0 +1,157 @@
+"""Recipes: one YAML data file per model, validated field by field.
+
+A recipe names the architecture, RoPE, tokenizer source, cache capacity, quantization,
+default targets, chat template and eos ids. It holds no code. An unknown or missing field is
+an error that names the field and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from export.config import ModelConfig
+from export.rope import RopeConfig
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = "smollm2-135m"
+TARGETS = ("executorch", "onnx", "coreml")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class QuantConfig:
+    """The shared 4-bit quantization every target carries (see export.quantize)."""
+
+    scheme: str = "int4"  # int4 | none
+    group_size: int = 32
+    embedding_bits: int | None = 4  # 4 = embedding quantized too, None = kept float
+    symmetric: bool = True
+    scale_search: bool = True  # error-minimizing per-group scale instead of max-abs
+
+    def __post_init__(self):
+        if self.scheme not in ("int4", "none"):
+            raise RecipeError(f"quantization.scheme {self.scheme!r} is not supported; use int4 or none")
+        if self.group_size <= 0 or self.group_size % 2:
+            raise RecipeError(f"quantization.group_size must be a positive even number, got {self.group_size}")
+        if self.embedding_bits not in (None, 4):
+            raise RecipeError(f"quantization.embedding_bits must be 4 or null, got {self.embedding_bits}")
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    architecture: dict[str, Any] | None  # ModelConfig fields; None = from the checkpoint's config
+    rope: dict[str, Any] | None
+    max_seq_len: int
+    tokenizer: dict[str, Any]
+    quantization: QuantConfig
+    targets: list[str]
+    chat_template: dict[str, Any] | None
+    bos_id: int | None
+    eos_ids: list[int]
+    checkpoint: dict[str, Any] | None = None  # {"source": "gguf-asset", "asset": ...} or None
+    weights_note: str | None = None
+    path: str | None = field(default=None, repr=False)
+
+    def model_config(self, max_seq_len: int | None = None, **overrides) -> ModelConfig:
+        if self.architecture is None:
+            raise RecipeError(f"recipe {self.name!r} has no architecture; pass --checkpoint")
+        arch = dict(self.architecture)
+        arch.update(overrides)
+        return ModelConfig(**arch, max_seq_len=max_seq_len or self.max_seq_len,
+                           rope=RopeConfig(**(self.rope or {})))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "path"}
+        d["quantization"] = vars(self.quantization).copy()
+        return d
+
+
+_REQUIRED = ("name", "description", "max_seq_len", "tokenizer", "quantization", "targets", "eos_ids")
+_OPTIONAL = ("architecture", "rope", "chat_template", "bos_id", "checkpoint", "weights_note")
+_ARCH_FIELDS = {f.name for f in fields(ModelConfig)} - {"max_seq_len", "rope"}
+_ROPE_FIELDS = {f.name for f in fields(RopeConfig)}
+_QUANT_FIELDS = {f.name for f in fields(QuantConfig)}
+_TOKENIZER_SOURCES = {"xgen": set(), "gguf": {"asset", "path"}, "hf": {"path"}}
+_CHAT_FIELDS = {"header", "default_system", "system", "user", "assistant", "generation_prompt"}
+
+
+def _check_keys(where: str, got: dict, valid: set[str], required: set[str] = frozenset()):
+    if not isinstance(got, dict):
+        raise RecipeError(f"{where} must be a mapping, got {type(got).__name__}")
+    unknown = sorted(set(got) - valid)
+    if unknown:
+        raise RecipeError(f"unknown field {unknown[0]!r} in {where}; valid fields: {', '.join(sorted(valid))}")
+    missing = sorted(required - set(got))
+    if missing:
+        raise RecipeError(f"missing field {missing[0]!r} in {where}; required: {', '.join(sorted(required))}")
+
+
+def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping and return a ``Recipe`` (errors name the bad field)."""
+    _check_keys(f"recipe {origin}", data, set(_REQUIRED) | set(_OPTIONAL), set(_REQUIRED))
+    arch = data.get("architecture")
+    if arch is not None:
+        _check_keys(f"{origin}: architecture", arch, _ARCH_FIELDS,
+                    {"vocab_size", "dim", "n_layers", "n_heads", "hidden_dim"})
+    if data.get("rope") is not None:
+        _check_keys(f"{origin}: rope", data["rope"], _ROPE_FIELDS)
+    _check_keys(f"{origin}: quantization", data["quantization"], _QUANT_FIELDS)
+    tok = data["tokenizer"]
+    _check_keys(f"{origin}: tokenizer", tok, {"source", "asset", "path"}, {"source"})
+    if tok["source"] not in _TOKENIZER_SOURCES:
+        raise RecipeError(f"{origin}: tokenizer.source {tok['source']!r} is not one of "
+                          f"{', '.join(_TOKENIZER_SOURCES)}")
+    if data.get("chat_template") is not None:
+        _check_keys(f"{origin}: chat_template", data["chat_template"], _CHAT_FIELDS,
+                    {"user", "assistant", "generation_prompt"})
+    if data.get("checkpoint") is not None:
+        _check_keys(f"{origin}: checkpoint", data["checkpoint"], {"source", "asset", "path"}, {"source"})
+    bad = [t for t in data["targets"] if t not in TARGETS]
+    if bad:
+        raise RecipeError(f"{origin}: unknown target {bad[0]!r}; valid: {', '.join(TARGETS)}")
+    if not isinstance(data["max_seq_len"], int) or data["max_seq_len"] < 2:
+        raise RecipeError(f"{origin}: max_seq_len must be an integer ≥ 2, got {data['max_seq_len']!r}")
+    if not data["eos_ids"] or not all(isinstance(i, int) for i in data["eos_ids"]):
+        raise RecipeError(f"{origin}: eos_ids must be a non-empty list of integers")
+    recipe = Recipe(
+        name=data["name"], description=data["description"], architecture=arch,
+        rope=data.get("rope"), max_seq_len=data["max_seq_len"], tokenizer=tok,
+        quantization=QuantConfig(**data["quantization"]), targets=list(data["targets"]),
+        chat_template=data.get("chat_template"), bos_id=data.get("bos_id"),
+        eos_ids=list(data["eos_ids"]), checkpoint=data.get("checkpoint"),
+        weights_note=data.get("weights_note"), path=origin,
+    )
+    if arch is not None:
+        try:
+            recipe.model_config()
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{origin}: {e}") from None
+    return recipe
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path | None = None) -> Recipe:
+    """Load a recipe by name (``recipes/<name>.yaml``) or by path; None = the embedded default."""
+    name_or_path = name_or_path or DEFAULT_RECIPE
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise RecipeError(f"unknown recipe {str(name_or_path)!r}; available: {', '.join(available_recipes())} "
+                              f"(or pass a path to a .yaml file)")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return parse_recipe(data, origin=path.name)

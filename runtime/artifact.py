@@ -1,0 +1,123 @@
+"""The artifact directory contract: ``OUT/<recipe>-<target>-<quant>/`` + ``manifest.json``.
+
+Every target writes the same layout: the compiled model file(s), the shared tokenizer files
+and a manifest (recipe, resolved config, quantization, cache capacity, bos/eos ids, chat
+template, tool versions, sha256 of every file). A directory is assembled under a temporary
+name and renamed into place, so a failed export leaves nothing half-written. The runtime
+loads by directory and refuses files whose hashes do not match.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+FORMAT = "edgellm-artifact"
+FORMAT_VERSION = 1
+_TOOLS = ("edgellm", "torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime",
+          "onnxscript", "onnx-ir", "tiktoken", "gguf")
+
+
+class ArtifactError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for name in _TOOLS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def artifact_name(recipe: str, target: str, quant: str) -> str:
+    return f"{recipe}-{target}-{quant}"
+
+
+def _all_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+@dataclass
+class ArtifactWriter:
+    """Assemble an artifact in a temp directory next to its final place; ``commit`` renames it.
+
+    Use as a context manager: on an exception the temp directory is removed.
+    """
+
+    final: Path
+
+    def __post_init__(self):
+        self.final = Path(self.final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
+
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        files = {p.relative_to(self.dir).as_posix(): sha256_file(p) for p in _all_files(self.dir)}
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "tool_versions": tool_versions(), **manifest, "files": files}
+        (self.dir / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False, default=str))
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.final, old)
+        os.replace(self.dir, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+
+def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read ``manifest.json`` and (by default) check every file's sha256."""
+    directory = Path(directory)
+    mpath = directory / MANIFEST
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} is not an artifact directory (it does not exist or is not a folder)")
+    if not mpath.exists():
+        raise ArtifactError(f"{directory} has no {MANIFEST}: not an edgellm artifact; export one with python -m export")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mpath} is corrupt ({e}); re-export the artifact") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath} is not an edgellm manifest (format {manifest.get('format')!r})")
+    if verify:
+        for name, digest in manifest.get("files", {}).items():
+            p = directory / name
+            if not p.exists():
+                raise ArtifactError(f"artifact {directory} is missing {name}; re-export it")
+            if sha256_file(p) != digest:
+                raise ArtifactError(f"artifact {directory}: {name} does not match its sha256 in {MANIFEST} "
+                                    f"(corrupt or modified); re-export it")
+    return manifest

@@ -1,0 +1,106 @@
+"""Eager PyTorch as a Backend: the fp32 decoder or the int4 reference (dequantized weights).
+
+This is the reference every artifact is measured against. ``reference_for(manifest)``
+rebuilds exactly the model an artifact was exported from (same recipe, weights, capacity
+and, for int4, the same shared quantization).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.backend import CachedBackend
+
+
+class EagerBackend(CachedBackend):
+    def __init__(self, model, tokenizer, name: str = "eager", threads: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_seq_len = model.config.max_seq_len
+        self.vocab_size = model.config.vocab_size
+        self.threads = threads
+        self.pos = 0
+
+    @torch.no_grad()
+    def _forward(self, ids: list[int], start: int) -> np.ndarray:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        tokens = torch.tensor([ids], dtype=torch.long)
+        pos = torch.arange(start, start + len(ids), dtype=torch.long)
+        return self.model(tokens, pos)[0].numpy()
+
+    def _reset(self) -> None:
+        self.model.reset_cache()
+
+    @property
+    def _max_chunk(self) -> int:
+        return self.max_seq_len
+
+    @classmethod
+    def from_loaded(cls, loaded, int4: bool = False, quantization=None, dynamic_activations: bool = False,
+                    options=None, tokenizer=None, threads: int | None = None) -> "EagerBackend":
+        model = loaded.decoder(options)
+        label = "fp32"
+        if int4:
+            from export.pipeline import quantize_for
+            from export.quantize import apply_reference
+
+            quant = quantization or quantize_for(loaded, "int4", progress=lambda s: None)
+            apply_reference(model, quant, dynamic_activations=dynamic_activations)
+            label = "int4" + ("-8da" if dynamic_activations else "")
+        if tokenizer is None:
+            from runtime.tokenizer import tokenizer_for_model
+
+            tokenizer = tokenizer_for_model(loaded)
+        return cls(model, tokenizer, name=f"eager:{loaded.recipe.name}:{label}", threads=threads)
+
+    @classmethod
+    def from_spec(cls, what: str | None, int4: bool = False, max_seq_len: int | None = None,
+                  seed: int = 0, n_layers: int | None = None, **kw) -> "EagerBackend":
+        from export.loading import resolve_model
+
+        checkpoint = recipe = None
+        if what and (Path(what).is_dir() or what.endswith(".gguf")):
+            checkpoint = what
+        else:
+            recipe = what
+        loaded = resolve_model(checkpoint, recipe, max_seq_len=max_seq_len, seed=seed, n_layers=n_layers)
+        return cls.from_loaded(loaded, int4=int4, **kw)
+
+    @classmethod
+    def reference_for(cls, manifest: dict[str, Any], int4: bool | None = None, **kw) -> "EagerBackend":
+        """The eager model an artifact was exported from (``int4`` defaults to the artifact's)."""
+        loaded = loaded_from_manifest(manifest)
+        if int4 is None:
+            int4 = manifest.get("quantization", {}).get("scheme", "none") != "none"
+        return cls.from_loaded(loaded, int4=int4, **kw)
+
+
+def loaded_from_manifest(manifest: dict[str, Any]):
+    """Rebuild the LoadedModel recorded in an artifact manifest."""
+    import re
+
+    from export import checkpoints
+    from export.config import ModelConfig
+    from export.loading import LoadedModel, _load_checkpoint
+    from export.recipes import parse_recipe
+
+    recipe = parse_recipe(manifest["recipe"], origin=f"manifest of {manifest.get('name')}")
+    cfg = ModelConfig.from_dict(manifest["config"])
+    weights = manifest["weights"]
+    m = re.fullmatch(r"random\(seed=(\d+)\)", weights)
+    if m:
+        state = checkpoints.random_state(cfg, int(m.group(1)))
+    else:
+        if not Path(weights).exists():
+            raise FileNotFoundError(f"the artifact was exported from {weights}, which is not on this machine; "
+                                    f"pass --reference eager:CHECKPOINT explicitly")
+        _, state = _load_checkpoint(Path(weights), cfg.max_seq_len)
+        state = {k: v for k, v in state.items()
+                 if not k.startswith("layers.") or int(k.split(".")[1]) < cfg.n_layers}
+    return LoadedModel(recipe, cfg, state, weights)
