@@ -28,12 +28,35 @@ class LoadedModel:
 
     def decoder(self, options: DecoderOptions | None = None) -> Decoder:
         model = Decoder(self.config, options)
-        missing, unexpected = model.load_state_dict(self.state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(self.state, strict=False)
+        except RuntimeError as e:  # shape mismatches raise even with strict=False
+            raise checkpoints.CheckpointError(
+                f"checkpoint does not match the architecture from its config: {e}") from None
         missing = [m for m in missing if not (self.config.tie_embeddings and m == "lm_head.weight")]
         if missing or unexpected:
             raise checkpoints.CheckpointError(
                 f"checkpoint does not match the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model.eval()
+
+    def tokenizer(self):
+        """The shared tokenizer for this model: the recipe's source (or the checkpoint's own
+        tokenizer), the recipe's chat template and ids, checked against the embedding rows."""
+        from runtime.tokenizer import tokenizer_from_source
+
+        src = dict(self.recipe.tokenizer)
+        if src["source"] in ("hf", "gguf") and not src.get("path") and not src.get("asset"):
+            if Path(self.weights).exists():
+                src["path"] = self.weights
+        tok = tokenizer_from_source(src)
+        if self.recipe.chat_template is not None:
+            tok.chat_template = dict(self.recipe.chat_template)
+        if self.recipe.bos_id is not None:
+            tok.bos_id = self.recipe.bos_id
+        if self.recipe.eos_ids:
+            tok.eos_ids = list(self.recipe.eos_ids)
+        tok.check_vocab(self.config.vocab_size)
+        return tok
 
 
 def _asset_path(spec: dict) -> Path:

@@ -96,10 +96,7 @@ class ExportJob:
         return m
 
     def write_tokenizer(self, writer: ArtifactWriter) -> None:
-        from runtime.tokenizer import tokenizer_for_model
-
-        tok = tokenizer_for_model(self.loaded)
-        tok.save(writer.dir)
+        self.loaded.tokenizer().save(writer.dir)
 
 
 def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print):

@@ -7,6 +7,7 @@ and, for int4, the same shared quantization).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,13 @@ class EagerBackend(CachedBackend):
         self.name = name
         self.max_seq_len = model.config.max_seq_len
         self.vocab_size = model.config.vocab_size
-        self.threads = threads
+        # runtime sets OMP_NUM_THREADS=1 for XNNPACK/ORT; eager PyTorch still uses every core.
+        self.threads = threads or os.cpu_count() or 1
         self.pos = 0
 
     @torch.no_grad()
     def _forward(self, ids: list[int], start: int) -> np.ndarray:
-        if self.threads:
+        if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         tokens = torch.tensor([ids], dtype=torch.long)
         pos = torch.arange(start, start + len(ids), dtype=torch.long)
@@ -54,9 +56,7 @@ class EagerBackend(CachedBackend):
             apply_reference(model, quant, dynamic_activations=dynamic_activations)
             label = "int4" + ("-8da" if dynamic_activations else "")
         if tokenizer is None:
-            from runtime.tokenizer import tokenizer_for_model
-
-            tokenizer = tokenizer_for_model(loaded)
+            tokenizer = loaded.tokenizer()
         return cls(model, tokenizer, name=f"eager:{loaded.recipe.name}:{label}", threads=threads)
 
     @classmethod

