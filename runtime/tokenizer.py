@@ -1,0 +1,327 @@
+"""The one tokenizer every edgellm artifact carries: byte-level BPE run by tiktoken.
+
+Every supported source (XGen's tiktoken ranks, a GGUF's embedded BPE, an HF tokenizer.json)
+is converted once by ``runtime.tokenizer_builders`` into the same two files, so the runtime
+never needs transformers/sentencepiece and JS/Swift/Kotlin ports only need tiktoken's format:
+
+- ``tokenizer.tiktoken``: ``base64(token bytes) rank`` per line (ranks = ids; gaps only where
+  an id is a special token or the source itself has a hole, e.g. XGen re-ranks GPT-2's space runs).
+- ``tokenizer.meta.json``: pattern, specials, bos/eos/pad, chat template (data, not Jinja),
+  embedding rows, plus two optional lists: ``always_special`` (added tokens that are matched
+  even when specials are not allowed, as HF "non-special added tokens" / GGUF user-defined
+  tokens are) and ``dropped_ids`` (placeholders for bytes the model vocabulary lacks; encode()
+  drops them, exactly as llama.cpp and HF tokenizers drop such bytes).
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+# tiktoken must never reach for the network or a shared cache: we only build Encodings
+# from local ranks, but set this before tiktoken is imported anywhere through us.
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
+
+import tiktoken  # noqa: E402
+
+FORMAT_VERSION = 1
+RANKS_FILE = "tokenizer.tiktoken"
+META_FILE = "tokenizer.meta.json"
+
+# ---- chat templates (data; rendered with str.replace of "{content}") ----
+
+CHATML: dict[str, Any] = {
+    "header": "",
+    "default_system": None,
+    "system": "<|im_start|>system\n{content}<|im_end|>\n",
+    "user": "<|im_start|>user\n{content}<|im_end|>\n",
+    "assistant": "<|im_start|>assistant\n{content}<|im_end|>\n",
+    "generation_prompt": "<|im_start|>assistant\n",
+}
+SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+SMOLLM2_CHAT: dict[str, Any] = {**CHATML, "default_system": SMOLLM2_DEFAULT_SYSTEM}
+
+XGEN_INST: dict[str, Any] = {
+    "header": ("A chat between a curious human and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the human's questions.\n\n"),
+    "default_system": None,
+    "user": "### Human: {content}\n",
+    "assistant": "### Assistant: {content}\n",
+    "generation_prompt": "### Assistant:",
+}
+
+XVERSE_CHAT: dict[str, Any] = {
+    "header": "",
+    "default_system": None,
+    "user": "Human: {content}\n\n",
+    "assistant": "Assistant: {content}</s>",
+    "generation_prompt": "Assistant: ",
+}
+
+_TEMPLATE_KEYS = ("header", "default_system", "system", "user", "assistant", "generation_prompt")
+
+
+def render_chat(template: dict[str, Any], messages: Iterable[dict[str, str]],
+                add_generation_prompt: bool = True) -> str:
+    """Render messages with a data chat template (see module docstring for the shape)."""
+    unknown = sorted(set(template) - set(_TEMPLATE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown chat_template field {unknown[0]!r}; valid: {', '.join(_TEMPLATE_KEYS)}")
+    messages = list(messages)
+    out = [template.get("header") or ""]
+    system = next((m for m in messages if m.get("role") == "system"), None)
+    sys_text = system["content"] if system is not None else template.get("default_system")
+    if sys_text is not None:
+        if not template.get("system"):
+            raise ValueError("this chat template has no system turn; drop the system message "
+                             "or add a 'system' entry to the template")
+        out.append(template["system"].replace("{content}", sys_text))
+    for m in messages:
+        role = m.get("role")
+        if role == "system":
+            continue
+        if role not in ("user", "assistant"):
+            raise ValueError(f"unknown chat role {role!r}; use system, user or assistant")
+        out.append(template[role].replace("{content}", m["content"]))
+    if add_generation_prompt:
+        out.append(template["generation_prompt"])
+    return "".join(out)
+
+
+# ---- streaming decode ----
+
+class StreamDecoder:
+    """Turns ids into text as they arrive, holding back bytes of a character split across tokens.
+
+    Uses Python's incremental UTF-8 decoder, so the concatenated output equals
+    ``decode(all_ids)`` exactly (invalid bytes become U+FFFD there too, split ones never do).
+    """
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        self._tok = tokenizer
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._dec.decode(self._tok.piece(token_id))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+# ---- the tokenizer ----
+
+class Tokenizer:
+    """tiktoken-backed byte-level BPE plus the metadata a runtime needs (bos/eos/chat/rows)."""
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pat_str: str,
+                 special_tokens: dict[str, int] | None = None, *, bos_id: int | None = None,
+                 eos_ids: Iterable[int] = (), pad_id: int | None = None,
+                 chat_template: dict[str, Any] | None = None, embedding_rows: int | None = None,
+                 source: str = "", always_special: Iterable[str] = (),
+                 dropped_ids: Iterable[int] = ()):
+        special_tokens = dict(special_tokens or {})
+        clash = set(special_tokens.values()) & set(mergeable_ranks.values())
+        if clash:
+            raise ValueError(f"special token id {min(clash)} is also a mergeable rank; "
+                             f"give special tokens ids outside the BPE ranks")
+        self.mergeable_ranks = mergeable_ranks
+        self.pat_str = pat_str
+        self.special_tokens = special_tokens
+        self.bos_id = bos_id
+        self.eos_ids = list(eos_ids)
+        self.pad_id = pad_id
+        self.chat_template = chat_template
+        self.embedding_rows = embedding_rows
+        self.source = source
+        self.always_special = frozenset(always_special)
+        missing = self.always_special - set(special_tokens)
+        if missing:
+            raise ValueError(f"always_special token {sorted(missing)[0]!r} is not a special token")
+        self.dropped_ids = frozenset(dropped_ids)
+        self._enc = tiktoken.Encoding(f"edgellm:{source or 'bpe'}", pat_str=pat_str,
+                                      mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        real = [i for i in mergeable_ranks.values() if i not in self.dropped_ids]
+        self.n_vocab = max(real + list(special_tokens.values()), default=-1) + 1
+        self.padding_rows: int | None = None
+
+    # -- encoding --
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Encode text; special-token text is plain text unless ``allow_special``."""
+        if allow_special:
+            ids = self._enc.encode(text, allowed_special="all", disallowed_special=())
+        elif self.always_special:
+            ids = self._enc.encode(text, allowed_special=set(self.always_special), disallowed_special=())
+        else:
+            ids = self._enc.encode_ordinary(text)
+        if self.dropped_ids:
+            ids = [i for i in ids if i not in self.dropped_ids]
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return b"".join(self.piece(i) for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def piece(self, token_id: int) -> bytes:
+        try:
+            return self._enc.decode_single_token_bytes(int(token_id))
+        except KeyError:
+            raise ValueError(f"token id {token_id} is not in this tokenizer (n_vocab {self.n_vocab}); "
+                             f"the ids come from a different model's tokenizer") from None
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    def describe(self, text: str, allow_special: bool = False) -> list[tuple[int, str]]:
+        """(id, readable piece) pairs for ``python -m runtime tokenize``; split UTF-8 shows as \\xNN."""
+        return [(i, self.piece(i).decode("utf-8", errors="backslashreplace"))
+                for i in self.encode(text, allow_special=allow_special)]
+
+    def apply_chat_template(self, messages: Iterable[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise ValueError(f"tokenizer {self.source!r} has no chat template; "
+                             f"set chat_template in the recipe")
+        return render_chat(self.chat_template, messages, add_generation_prompt)
+
+    def check_vocab(self, embedding_rows: int) -> int:
+        """Fail if an id would index past the embedding; return (and record) the padding rows."""
+        if self.n_vocab > embedding_rows:
+            raise ValueError(f"tokenizer has ids up to {self.n_vocab - 1} (n_vocab {self.n_vocab}) but the "
+                             f"model embedding has only {embedding_rows} rows; use the tokenizer that "
+                             f"belongs to this checkpoint")
+        self.embedding_rows = embedding_rows
+        self.padding_rows = embedding_rows - self.n_vocab
+        return self.padding_rows
+
+    # -- persistence --
+    def meta(self) -> dict[str, Any]:
+        m = {
+            "format_version": FORMAT_VERSION,
+            "pat_str": self.pat_str,
+            "special_tokens": dict(sorted(self.special_tokens.items(), key=lambda kv: kv[1])),
+            "bos_id": self.bos_id,
+            "eos_ids": list(self.eos_ids),
+            "pad_id": self.pad_id,
+            "chat_template": self.chat_template,
+            "embedding_rows": self.embedding_rows,
+            "source": self.source,
+        }
+        if self.always_special:
+            m["always_special"] = sorted(self.always_special)
+        if self.dropped_ids:
+            m["dropped_ids"] = sorted(self.dropped_ids)
+        return m
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write tokenizer.tiktoken + tokenizer.meta.json atomically; return their paths."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        ranks = "".join(f"{base64.b64encode(b).decode('ascii')} {r}\n"
+                        for b, r in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]))
+        meta = json.dumps(self.meta(), indent=2, ensure_ascii=False) + "\n"
+        out = []
+        for name, text in ((RANKS_FILE, ranks), (META_FILE, meta)):
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.")
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+            os.replace(tmp, d / name)
+            out.append(d / name)
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        d = Path(directory)
+        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{d / META_FILE} has format_version {meta.get('format_version')!r}, "
+                             f"this edgellm reads {FORMAT_VERSION}; re-export the artifact")
+        return cls(read_tiktoken_ranks(d / RANKS_FILE), meta["pat_str"], meta["special_tokens"],
+                   bos_id=meta["bos_id"], eos_ids=meta["eos_ids"], pad_id=meta["pad_id"],
+                   chat_template=meta["chat_template"], embedding_rows=meta["embedding_rows"],
+                   source=meta.get("source", ""), always_special=meta.get("always_special", ()),
+                   dropped_ids=meta.get("dropped_ids", ()))
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(source={self.source!r}, n_vocab={self.n_vocab}, "
+                f"specials={len(self.special_tokens)}, embedding_rows={self.embedding_rows})")
+
+
+def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    """Parse a .tiktoken rank file locally (tiktoken's own loader wants a cache/URL)."""
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{path}:{n} is not 'base64 rank'; the rank file is corrupt") from None
+    return ranks
+
+
+# ---- loading from any spec ----
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """Tokenizer from an artifact dir, a checkpoint dir/tokenizer.json, a .gguf, or a recipe name/path.
+
+    Loading never builds a model. Recipes contribute their chat template and bos/eos ids.
+    """
+    from runtime import tokenizer_builders as tb
+
+    p = Path(spec)
+    if p.is_dir() and (p / RANKS_FILE).exists():
+        return Tokenizer.load(p)
+    if p.is_dir() and (p / "tokenizer.json").exists():
+        return tb.build_from_hf_json(p / "tokenizer.json")
+    if p.is_file() and p.suffix == ".gguf":
+        return tb.build_from_gguf(p)
+    if p.is_file() and p.name.endswith(".json") and p.suffix != ".yaml":
+        return tb.build_from_hf_json(p)
+    if p.is_dir():
+        raise ValueError(f"{p} has neither {RANKS_FILE} nor tokenizer.json; pass an artifact "
+                         f"directory, a checkpoint folder, a .gguf file or a recipe name")
+    try:
+        from export.recipes import load_recipe
+    except ImportError as e:
+        raise ValueError(f"{spec!r} is not a tokenizer path and recipes are unavailable ({e})") from None
+    recipe = load_recipe(str(spec))
+    tok = tokenizer_from_source(recipe.tokenizer)
+    if getattr(recipe, "chat_template", None) is not None:
+        tok.chat_template = dict(recipe.chat_template)
+    if getattr(recipe, "bos_id", None) is not None:
+        tok.bos_id = recipe.bos_id
+    if getattr(recipe, "eos_ids", None):
+        tok.eos_ids = list(recipe.eos_ids)
+    tok.source = f"recipe:{recipe.name} ({tok.source})"
+    return tok
+
+
+def tokenizer_from_source(src: dict[str, Any]) -> Tokenizer:
+    """Build from a recipe's ``tokenizer`` mapping: {source: xgen | gguf (asset|path) | hf (path)}."""
+    from runtime import tokenizer_builders as tb
+
+    kind = src.get("source")
+    if kind == "xgen":
+        return tb.build_xgen()
+    if kind == "gguf":
+        if src.get("asset"):
+            from runtime.assets import fetch
+            return tb.build_from_gguf(fetch(src["asset"]))
+        if src.get("path"):
+            return tb.build_from_gguf(Path(src["path"]).expanduser())
+        raise ValueError("tokenizer source gguf needs 'asset' or 'path'; add one to the recipe")
+    if kind == "hf":
+        if not src.get("path"):
+            raise ValueError("tokenizer source hf needs 'path' (a checkpoint folder or tokenizer.json); "
+                             "pass the checkpoint folder instead of the recipe")
+        path = Path(src["path"]).expanduser()
+        return tb.build_from_hf_json(path / "tokenizer.json" if path.is_dir() else path)
+    raise ValueError(f"unknown tokenizer source {kind!r}; use xgen, gguf or hf")

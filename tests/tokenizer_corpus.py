@@ -1,0 +1,27 @@
+"""A mixed corpus shared by tokenizer tests: scripts, code, numbers, emoji, special look-alikes."""
+
+CORPUS = [
+    "",
+    "Hello world! 123",
+    "  multiple   spaces",
+    "The quick brown fox jumps over the lazy dog. It's 5 o'clock; we'll see, they've gone, I'd say, you're OK.",
+    "DON'T SHOUT, IT'S RUDE. We'RE fine.",
+    "机器学习是人工智能的一个分支。今天天气很好，我们去公园散步吧！",
+    "日本語のテキスト：東京は日本の首都です。カタカナとひらがなと漢字。",
+    "Съешь же ещё этих мягких французских булок, да выпей чаю. Москва 2024 год.",
+    "Ελληνικά: Γειά σου Κόσμε. العربية: مرحبا بالعالم. हिन्दी: नमस्ते दुनिया। 한국어: 안녕하세요 세계",
+    "def f(x):\n\tif x > 0:\n\t\treturn x ** 2\n\t\t\telse:\n\t\t\t\t\t\t\t\t\t\t\tpass\n",
+    "int main() {\n    printf(\"%d\\n\", 42);\n        return 0;\n}\n" + " " * 40 + "// long run\n",
+    "x  1    22\t\t333 \n 4444 55555 3.14159 -2.5e-10 1,000,000 0xFF 1_000",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 10000 123456789012345678901234567890 ١٢٣ ⅷ ²³",
+    "Emoji: 😀🎉👍🏽 👨‍👩‍👧‍👦 🇺🇸 ❤️ 🤖 and flags 🏳️‍🌈, plus math 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and 𠀋 𪚥",
+    "<|im_start|>user\nhi<|im_end|> <|endoftext|> <fim_prefix>code<fim_suffix> <reponame>x <|im_start",
+    "Mixed\r\nline\rendings\n\n\n   \n\t\n end   ",
+    "café naïve résumé Zürich São Paulo ﬁ ŉ İstanbul ß ẞ",
+    "zero\u200bwidth\u00a0nbsp\u3000ideographic space\u2028line sep\u0085nel",
+    "'s 't 're 've 'm 'll 'd 'S 'T 'RE 'Ve 'LL",
+    "   leading and trailing   ",
+    "\t\t\t\t\t\t\t\t\t\t\t\ttabs   " + " " * 70 + "end",
+    "a" * 300 + " " + "ab" * 100,
+    "URL https://example.com/path?q=1&r=[2]#frag, email a.b@c.org, JSON {\"k\": [1, 2.0, null]}",
+]
