@@ -31,7 +31,10 @@ def _hf_weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index ({type(e).__name__}: {e})") from None
             missing = [s for s in shards if not (folder / s).exists()]
             if missing:
                 raise CheckpointError(f"{index} lists shard {missing[0]} which is missing from {folder}")
@@ -44,11 +47,15 @@ def _hf_weight_files(folder: Path) -> list[Path]:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt shard
+        raise CheckpointError(f"cannot read weights from {path} (corrupt or truncated?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def _hf_name(name: str) -> str | None:
@@ -63,16 +70,23 @@ def load_hf_folder(folder: str | Path, max_seq_len: int | None = None) -> tuple[
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{folder} has no config.json; pass an HF model folder or a .gguf file")
-    hf = json.loads(cfg_path.read_text())
-    cfg = config_from_hf(hf, max_seq_len)
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+    try:
+        cfg = config_from_hf(hf, max_seq_len)
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_path} lacks the required field {e.args[0]!r}") from None
     state: dict[str, torch.Tensor] = {}
     for f in _hf_weight_files(folder):
         for k, v in _read_weights(f).items():
             name = _hf_name(k)
             if name is not None:
                 state[name] = v.float()
-    if "lm_head.weight" not in state:
-        cfg.tie_embeddings = True
+    if "lm_head.weight" not in state and not cfg.tie_embeddings:
+        raise CheckpointError(f"{folder} has no lm_head.weight but config.json does not tie the embeddings; "
+                              f"set tie_word_embeddings: true in config.json or add the output head")
     return cfg, state
 
 

@@ -67,9 +67,10 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelC
         raise ValueError(f"unsupported model_type {model_type!r} in config.json; "
                          f"edgellm supports {', '.join(SUPPORTED_MODEL_TYPES)}")
     n_heads = hf["num_attention_heads"]
-    # XVERSE's config class has no num_key_value_heads (plain multi-head) and eps 1e-6.
+    # XVERSE's config class has no num_key_value_heads (plain multi-head); the LLaMA, Mistral
+    # and XVERSE config classes all default rms_norm_eps to 1e-6.
     n_kv = hf.get("num_key_value_heads") or n_heads
-    default_eps = 1e-6 if model_type == "xverse" else 1e-5
+    default_eps = 1e-6
     ctx = hf.get("max_position_embeddings", 2048)
     cap = max_seq_len or ctx
     return ModelConfig(

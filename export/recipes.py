@@ -123,10 +123,14 @@ def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{origin}: max_seq_len must be an integer ≥ 2, got {data['max_seq_len']!r}")
     if not data["eos_ids"] or not all(isinstance(i, int) for i in data["eos_ids"]):
         raise RecipeError(f"{origin}: eos_ids must be a non-empty list of integers")
+    try:
+        quant = QuantConfig(**data["quantization"])
+    except RecipeError as e:
+        raise RecipeError(f"{origin}: {e}") from None
     recipe = Recipe(
         name=data["name"], description=data["description"], architecture=arch,
         rope=data.get("rope"), max_seq_len=data["max_seq_len"], tokenizer=tok,
-        quantization=QuantConfig(**data["quantization"]), targets=list(data["targets"]),
+        quantization=quant, targets=list(data["targets"]),
         chat_template=data.get("chat_template"), bos_id=data.get("bos_id"),
         eos_ids=list(data["eos_ids"]), checkpoint=data.get("checkpoint"),
         weights_note=data.get("weights_note"), path=origin,

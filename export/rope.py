@@ -100,8 +100,10 @@ def inv_freq_and_scale(rope: RopeConfig, head_dim: int, max_seq_len: int) -> tup
     if rope.type == "ntk":
         base = base * rope.alpha ** (dim / (dim - 2))
     if rope.type == "dynamic" and max_seq_len > rope.original_max_position_embeddings:
-        f = rope.factor
-        base = base * ((f * max_seq_len / rope.original_max_position_embeddings) - (f - 1)) ** (dim / (dim - 2))
+        # float32, as transformers computes it at run time (its length there is a tensor);
+        # python-float arithmetic lands one float32 ulp off in inv_freq
+        f, seq = rope.factor, torch.tensor(max_seq_len)
+        base = float(base * ((f * seq / rope.original_max_position_embeddings) - (f - 1)) ** (dim / (dim - 2)))
     inv_freq = 1.0 / (base ** exps)
     scale = 1.0
     if rope.type == "linear":
