@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -53,6 +54,17 @@ def artifact_name(recipe: str, target: str, quant: str) -> str:
     return f"{recipe}-{target}-{quant}"
 
 
+def _strict_json(value: Any) -> Any:
+    """Non-finite floats as strings ("-Infinity"), so browsers' JSON.parse reads the manifest."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def _all_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -86,7 +98,7 @@ class ArtifactWriter:
         full = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "tool_versions": tool_versions(), **manifest, "files": files}
-        (self.dir / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False, default=str))
+        (self.dir / MANIFEST).write_text(json.dumps(_strict_json(full), indent=2, allow_nan=False, default=str))
         old = None
         if self.final.exists():
             old = self.final.with_name(f".{self.final.name}.old")
