@@ -60,19 +60,21 @@ def artifacts_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def export_artifact(artifacts_dir, smollm2, smollm2_quant, tiny, tiny_quant):
+def export_artifact(artifacts_dir, request):
     """``export_artifact(target, model="smollm2"|"tiny"|LoadedModel, quant="int4"|"none", variant=None)``
     -> artifact dir, exported once per session per key."""
     from export.pipeline import run_export
 
     cache: dict = {}
-    shared = {"smollm2": (smollm2, smollm2_quant), "tiny": (tiny, tiny_quant)}
+
+    def shared(name):  # resolved lazily: a tiny-only selection never quantizes SmolLM2
+        return request.getfixturevalue(name), request.getfixturevalue(f"{name}_quant")
 
     def _export(target: str, model="smollm2", quant: str = "int4", variant: str | None = None, quantization=None):
         key = (target, model if isinstance(model, str) else id(model), quant, variant)
         if key not in cache:
             if isinstance(model, str):
-                loaded, q = shared[model]
+                loaded, q = shared(model)
             else:
                 from export.pipeline import quantize_for
 

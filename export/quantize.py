@@ -1,0 +1,389 @@
+"""The one int4 quantization every export target carries: codes, scales (and zero points).
+
+Weights are quantized group-wise along the input features (``block_size = (1, group_size)``,
+torchao's convention), to 4-bit codes with one scale per group:
+
+* symmetric (default; what XNNPACK 8da4w needs): codes in [-8, 7], zero point 0,
+  ``w ≈ codes * scale``;
+* asymmetric (``symmetric: false``; for targets with a per-group offset such as ONNX
+  MatMulNBits and Core ML): codes in [0, 15], an integer zero point in [0, 15] per group,
+  ``w ≈ (codes - zero_point) * scale``.
+
+Every scale is exactly representable in fp16 (rounded to fp16, stored as fp32), so fp16
+targets (Core ML) carry bit-identical scales, and ``QuantizedWeight.dequantize`` is torchao's
+``dequantize_affine`` — the reference weights every target is compared against.
+
+Scale choice (``scale_search: true``, the default): per group, a grid of candidate scales
+``max|w| / a`` for a few a (and for asymmetric, candidate ranges shrunk from both ends) is scored by the
+(optionally importance-weighted) squared reconstruction error; the best one is then refined by
+alternating least squares (codes fixed → optimal scale → codes), keeping a refinement only if
+it lowers the error. The plain max-abs round-to-nearest scale (torchao's ``choose_qparams_affine``)
+is always one of the candidates, so the search never reconstructs a group worse than RTN.
+Importance: for a Linear that directly follows an RMSNorm (q/k/v, gate/up, lm_head) the
+squared norm gain of each input channel weights the error (a data-free proxy of how large
+that input is); other weights use uniform weights.
+
+Tied embeddings: ``embed_tokens.weight`` and ``lm_head.weight`` are one tensor; when quantized
+(``embedding_bits: 4``) both names map to the same ``QuantizedWeight`` (both group along the
+model dim). A tied model with ``embedding_bits: null`` quantizes neither (a float embedding
+implies a float head, because they are the same tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchao.quantization.quant_primitives import (
+    MappingType,
+    choose_qparams_affine,
+    dequantize_affine,
+    quantize_affine,
+)
+
+from export.recipes import QuantConfig
+
+SYM_QMIN, SYM_QMAX = -8, 7
+ASYM_QMIN, ASYM_QMAX = 0, 15
+FP16_MAX = 65504.0
+FP16_TINY = 2.0 ** -14  # smallest normal fp16: scales never go below it (nor to 0)
+
+LINEAR_RE = re.compile(r"^layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+_CHUNK_ELEMS = 1 << 21  # groups are processed in chunks of ~2M weights (cache friendly, bounded memory)
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest fp16 value (clamped to the normal fp16 range), returned as fp32."""
+    return x.clamp(FP16_TINY, FP16_MAX).to(torch.float16).to(torch.float32)
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # int8 [rows, cols]; symmetric [-8, 7], asymmetric [0, 15]
+    scales: torch.Tensor  # float32 [rows, cols // group_size], fp16-representable
+    zero_points: torch.Tensor | None  # int8 [rows, cols // group_size] (asymmetric) or None
+    group_size: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return (1, self.group_size)
+
+    @property
+    def quant_range(self) -> tuple[int, int]:
+        return (SYM_QMIN, SYM_QMAX) if self.symmetric else (ASYM_QMIN, ASYM_QMAX)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [rows, cols] = torchao ``dequantize_affine(codes, (1, g), scales, zero_points)``."""
+        qmin, qmax = self.quant_range
+        return dequantize_affine(self.codes, self.block_size, self.scales, self.zero_points, torch.int8,
+                                 qmin, qmax, output_dtype=torch.float32)
+
+    def nbytes(self) -> int:
+        """Packed size: 4 bits per code, 2 bytes (fp16) per scale, 4 bits per zero point."""
+        n = self.codes.numel() // 2 + self.scales.numel() * 2
+        if self.zero_points is not None:
+            n += (self.zero_points.numel() + 1) // 2
+        return n
+
+
+@dataclass
+class Quantization:
+    config: QuantConfig
+    weights: dict[str, QuantizedWeight]
+
+    def unique(self) -> list[tuple[str, QuantizedWeight]]:
+        """(name, weight) pairs, each tensor once (a tied embedding/head counted once), sorted by name."""
+        seen, out = set(), []
+        for name in sorted(self.weights):
+            qw = self.weights[name]
+            if id(qw) not in seen:
+                seen.add(id(qw))
+                out.append((name, qw))
+        return out
+
+    def summary(self) -> dict:
+        """JSON-able description for the artifact manifest (the sha256 identifies the quantization)."""
+        h = hashlib.sha256()
+        n_bytes = 0
+        for name, qw in self.unique():
+            h.update(name.encode())
+            for t in (qw.codes, qw.scales, qw.zero_points):
+                if t is not None:
+                    h.update(str(tuple(t.shape)).encode())
+                    h.update(t.contiguous().numpy().tobytes())
+            n_bytes += qw.nbytes()
+        c = self.config
+        return {
+            "scheme": c.scheme, "group_size": c.group_size, "symmetric": c.symmetric,
+            "embedding_bits": c.embedding_bits,
+            "method": "scale-search" if c.scale_search else "max-abs-rtn",
+            "quant_range": [SYM_QMIN, SYM_QMAX] if c.symmetric else [ASYM_QMIN, ASYM_QMAX],
+            "scale_dtype": "float16",
+            "n_tensors": len(self.unique()),
+            "names": sorted(self.weights),
+            "bytes": n_bytes,
+            "sha256": h.hexdigest(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-group scale search (vectorized over groups; G is [N, g], weights W broadcastable to G)
+
+
+def _err(G, q, s, z, W):
+    d = (q - z).mul_(s) if z is not None else q * s
+    d.sub_(G).square_()
+    return (d.mul_(W) if W is not None else d).sum(1, keepdim=True)
+
+
+def _q_sym(G, s):
+    return torch.mul(G, 1.0 / s).round_().clamp_(SYM_QMIN, SYM_QMAX)
+
+
+def _q_asym(G, s, z):
+    return torch.clamp(torch.round(G * (1.0 / s)) + z, ASYM_QMIN, ASYM_QMAX)
+
+
+def _rtn_sym(G):
+    amax = G.abs().amax(1, keepdim=True)
+    return _fp16(amax / ((SYM_QMAX - SYM_QMIN) / 2))  # torchao SYMMETRIC: max|w| / 7.5
+
+
+def _rtn_asym(G):
+    lo = G.amin(1, keepdim=True).clamp(max=0)
+    hi = G.amax(1, keepdim=True).clamp(min=0)
+    s = _fp16((hi - lo) / (ASYM_QMAX - ASYM_QMIN))
+    z = torch.clamp(ASYM_QMIN - torch.round(lo / s), ASYM_QMIN, ASYM_QMAX)
+    return s, z
+
+
+SYM_DIVISORS = [6.0, 6.5, 7.0, 8.0]  # (7.5 = max-abs RTN is always tried)  # candidate scales max|w| / a
+ASYM_SHRINK = [0.75, 0.85, 0.93]  # candidate ranges (hi - lo) * f
+REFINE_ITERS = 3
+
+
+def _search_sym(G, W):
+    s_best = _rtn_sym(G)
+    e_best = _err(G, _q_sym(G, s_best), s_best, None, W)
+    amax = G.abs().amax(1, keepdim=True)
+    for a in SYM_DIVISORS:
+        s = _fp16(amax / a)
+        e = _err(G, _q_sym(G, s), s, None, W)
+        better = e < e_best
+        s_best, e_best = torch.where(better, s, s_best), torch.where(better, e, e_best)
+    for _ in range(REFINE_ITERS):  # alternating least squares: codes fixed -> optimal scale
+        q = _q_sym(G, s_best)
+        qw = q * W if W is not None else q
+        num, den = (qw * G).sum(1, keepdim=True), (qw * q).sum(1, keepdim=True)
+        s = _fp16(torch.where(den > 0, num / den.clamp_min(1e-30), s_best))
+        e = _err(G, _q_sym(G, s), s, None, W)
+        better = e < e_best
+        s_best, e_best = torch.where(better, s, s_best), torch.where(better, e, e_best)
+    return s_best, None
+
+
+def _search_asym(G, W):
+    s_best, z_best = _rtn_asym(G)
+    e_best = _err(G, _q_asym(G, s_best, z_best), s_best, z_best, W)
+    lo, hi = G.amin(1, keepdim=True), G.amax(1, keepdim=True)
+    mid = (lo + hi) / 2
+    for f in ASYM_SHRINK:
+        s = _fp16((hi - lo) * f / (ASYM_QMAX - ASYM_QMIN))
+        for shift in (0.0,):  # range centred on the group
+            lo_c = mid - s * (ASYM_QMAX - ASYM_QMIN) / 2 + shift * s
+            z = torch.clamp(ASYM_QMIN - torch.round(lo_c / s), ASYM_QMIN, ASYM_QMAX)
+            e = _err(G, _q_asym(G, s, z), s, z, W)
+            better = e < e_best
+            s_best = torch.where(better, s, s_best)
+            z_best = torch.where(better, z, z_best)
+            e_best = torch.where(better, e, e_best)
+    for _ in range(REFINE_ITERS):  # codes fixed -> least-squares scale for the integer zero point
+        q = _q_asym(G, s_best, z_best) - z_best
+        qw = q * W if W is not None else q
+        num, den = (qw * G).sum(1, keepdim=True), (qw * q).sum(1, keepdim=True)
+        s = _fp16(torch.where(den > 0, num / den.clamp_min(1e-30), s_best))
+        for dz in (0.0, -1.0, 1.0):
+            z = torch.clamp(z_best + dz, ASYM_QMIN, ASYM_QMAX)
+            e = _err(G, _q_asym(G, s, z), s, z, W)
+            better = e < e_best
+            s_best = torch.where(better, s, s_best)
+            z_best = torch.where(better, z, z_best)
+            e_best = torch.where(better, e, e_best)
+    return s_best, z_best
+
+
+def _check_divisible(name: str, cols: int, group_size: int):
+    if cols % group_size:
+        divisors = [d for d in range(2, cols + 1, 2) if cols % d == 0]
+        near = min(divisors, key=lambda d: (abs(d - group_size), -d)) if divisors else None
+        hint = f"; use a group size that divides {cols}, e.g. {near}" if near else ""
+        raise ValueError(f"cannot quantize {name}: its in-features ({cols}) are not divisible by the "
+                         f"quantization group size {group_size}{hint} (set quantization.group_size in the recipe)")
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, group_size: int, symmetric: bool = True, scale_search: bool = True,
+                    importance: torch.Tensor | None = None, name: str = "weight") -> QuantizedWeight:
+    """Quantize a 2-D weight [rows, cols] group-wise along cols to int4.
+
+    ``importance`` (optional, [cols], non-negative) weights the per-column squared error in the
+    scale search. Raises ValueError if ``cols`` is not divisible by ``group_size``.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"cannot quantize {name}: expected a 2-D weight, got shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    _check_divisible(name, cols, group_size)
+    w = w.detach().to(torch.float32).contiguous()
+    if not torch.isfinite(w).all():
+        raise ValueError(f"cannot quantize {name}: it contains non-finite values")
+    n_groups = cols // group_size
+    G_all = w.view(rows * n_groups, group_size)
+    Wimp = None
+    if importance is not None and scale_search:
+        imp = importance.detach().to(torch.float32).reshape(n_groups, group_size)
+        imp = imp / imp.mean().clamp_min(1e-30)
+        Wimp = imp
+    scales = torch.empty(rows * n_groups, 1)
+    zeros = None if symmetric else torch.empty(rows * n_groups, 1)
+    chunk_rows = max(1, _CHUNK_ELEMS // cols)
+    for r0 in range(0, rows, chunk_rows):
+        r1 = min(rows, r0 + chunk_rows)
+        sl = slice(r0 * n_groups, r1 * n_groups)
+        G = G_all[sl]
+        W = Wimp.repeat(r1 - r0, 1) if Wimp is not None else None
+        if symmetric:
+            s, _ = _search_sym(G, W) if scale_search else (_rtn_sym(G), None)
+        else:
+            s, z = _search_asym(G, W) if scale_search else _rtn_asym(G)
+            zeros[sl] = z
+        scales[sl] = s
+    scales = scales.view(rows, n_groups)
+    block = (1, group_size)
+    if symmetric:
+        codes = quantize_affine(w, block, scales, torch.zeros_like(scales, dtype=torch.int8), torch.int8,
+                                SYM_QMIN, SYM_QMAX)
+        zp = None
+    else:
+        zp = zeros.view(rows, n_groups).to(torch.int8)
+        codes = quantize_affine(w, block, scales, zp, torch.int8, ASYM_QMIN, ASYM_QMAX)
+    return QuantizedWeight(codes.contiguous(), scales.contiguous(), zp, group_size)
+
+
+def rtn_torchao(w: torch.Tensor, group_size: int, symmetric: bool = True) -> QuantizedWeight:
+    """Plain max-abs round-to-nearest via torchao's own ``choose_qparams_affine`` (a baseline)."""
+    block = (1, group_size)
+    if symmetric:
+        s, _ = choose_qparams_affine(w, MappingType.SYMMETRIC, block, torch.int8, SYM_QMIN, SYM_QMAX)
+        s = _fp16(s)
+        codes = quantize_affine(w, block, s, torch.zeros_like(s, dtype=torch.int8), torch.int8, SYM_QMIN, SYM_QMAX)
+        return QuantizedWeight(codes, s, None, group_size)
+    s, z = choose_qparams_affine(w, MappingType.ASYMMETRIC, block, torch.int8, ASYM_QMIN, ASYM_QMAX,
+                                 zero_point_dtype=torch.int8)
+    s = _fp16(s)
+    return QuantizedWeight(quantize_affine(w, block, s, z, torch.int8, ASYM_QMIN, ASYM_QMAX), s, z, group_size)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _importance(state: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """Squared gain of the RMSNorm feeding this Linear (None when it is not fed by a norm)."""
+    m = re.match(r"^layers\.(\d+)\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$", name)
+    norm = None
+    if m:
+        norm = f"layers.{m.group(1)}." + ("input_layernorm.weight" if m.group(3) else "post_attention_layernorm.weight")
+    elif name in ("lm_head.weight", "embed_tokens.weight"):
+        norm = "norm.weight"
+    g = state.get(norm) if norm else None
+    return None if g is None else g.detach().float() ** 2 + 1e-6
+
+
+USE_IMPORTANCE = True
+
+
+def quantized_names(state: dict[str, torch.Tensor], qcfg: QuantConfig, tied: bool) -> list[str]:
+    names = sorted(n for n in state if LINEAR_RE.match(n))
+    if tied:
+        if qcfg.embedding_bits == 4:
+            names += ["embed_tokens.weight", "lm_head.weight"]
+    else:
+        if "lm_head.weight" in state:
+            names.append("lm_head.weight")
+        if qcfg.embedding_bits == 4 and "embed_tokens.weight" in state:
+            names.append("embed_tokens.weight")
+    return names
+
+
+@torch.no_grad()
+def quantize(state: dict[str, torch.Tensor], qcfg: QuantConfig, tied: bool) -> Quantization:
+    """The shared int4 quantization of a decoder state dict (see the module docstring)."""
+    if qcfg.scheme != "int4":
+        raise ValueError(f"quantize() needs scheme int4, got {qcfg.scheme!r}")
+    names = quantized_names(state, qcfg, tied)
+    for n in names:  # fail before doing any work
+        src = "embed_tokens.weight" if (tied and n == "lm_head.weight") else n
+        _check_divisible(n, state[src].shape[1], qcfg.group_size)
+    weights: dict[str, QuantizedWeight] = {}
+    for n in names:
+        if tied and n == "lm_head.weight":
+            weights[n] = weights["embed_tokens.weight"]
+            continue
+        imp = _importance(state, n) if USE_IMPORTANCE else None
+        weights[n] = quantize_weight(state[n], qcfg.group_size, qcfg.symmetric, qcfg.scale_search,
+                                     importance=imp, name=n)
+    return Quantization(qcfg, weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference model
+
+
+def _act_fake_quant_hook(module, args):
+    """int8 per-token asymmetric fake quantization of a Linear's input (torchao 8da4w)."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        _apply_int8_act_asym_per_token_quant_dequant,
+    )
+
+    (x, *rest) = args
+    return (_apply_int8_act_asym_per_token_quant_dequant(x), *rest)
+
+
+def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """What 8da4w does to a Linear's input: int8, per token, asymmetric, quantize→dequantize."""
+    return _act_fake_quant_hook(None, (x,))[0]
+
+
+@torch.no_grad()
+def apply_reference(model: nn.Module, quant: Quantization, dynamic_activations: bool = False) -> nn.Module:
+    """In place: every quantized weight := its dequantization (tying kept); optionally add 8da4w
+    int8 dynamic activation fake-quant as forward pre-hooks on the quantized Linears (parameter
+    names unchanged). Returns the model."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    done: dict[int, torch.Tensor] = {}
+    for name, qw in quant.weights.items():
+        if name not in params:
+            raise KeyError(f"quantized weight {name} is not a parameter of the model")
+        p = params[name]
+        if tuple(p.shape) != tuple(qw.shape):
+            raise ValueError(f"{name}: model shape {tuple(p.shape)} != quantized shape {tuple(qw.shape)}")
+        if id(qw) not in done:
+            done[id(qw)] = qw.dequantize()
+        p.data = done[id(qw)].to(p.dtype)  # tied parameters are one object: set once, seen twice
+        if dynamic_activations:
+            mod = modules[name.rsplit(".", 1)[0] if "." in name else ""]
+            if isinstance(mod, nn.Linear) and not getattr(mod, "_edgellm_act_quant", False):
+                mod.register_forward_pre_hook(_act_fake_quant_hook)
+                mod._edgellm_act_quant = True
+    return model
