@@ -1,0 +1,175 @@
+"""Core ML artifacts: structure, weight blobs, and numerical parity through the MIL interpreter.
+
+On Linux no Apple runtime exists; the saved .mlpackage is executed by
+``runtime.mil_interpreter`` (fp16 tensors between ops, as Core ML computes), so parity with
+eager PyTorch is proven on the program that ships. Tests needing Core ML itself run on macOS.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from runtime.parity import compare_logits, greedy_tokens, perplexity, teacher_forced
+
+REL_BOUND = 2e-2  # max |Δlogit| ≤ 2e-2 · max |logit| (fp16 program vs fp32 eager)
+N_DECODE = 32
+PPL_TOKENS = 256  # held-out tokens scored on SmolLM2 int4 (the interpreter is ~slow)
+
+
+def _interp(path):
+    from runtime import load
+
+    return load(str(path), engine="interpreter")
+
+
+def _ids(n, vocab, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_gqa_model():
+    """An HF-config llama with GQA (8 query / 2 KV heads), q/k/v/o biases and llama3-scaled RoPE."""
+    from export import checkpoints
+    from export.config import config_from_hf
+    from export.loading import LoadedModel
+    from export.recipes import load_recipe
+
+    cfg = config_from_hf({
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 256,
+        "max_position_embeddings": 128, "rope_theta": 500000.0, "attention_bias": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}})
+    return LoadedModel(load_recipe("tiny"), cfg, checkpoints.random_state(cfg, 0), "random(seed=0)")
+
+
+def _eager(loaded, quant=None):
+    from runtime.eager_backend import EagerBackend
+
+    return EagerBackend.from_loaded(loaded, int4=quant is not None, quantization=quant)
+
+
+@pytest.mark.parametrize("which,quant", [("tiny", "none"), ("tiny", "int4"), ("hf", "none")])
+def test_random_weights_logits_within_bound(which, quant, export_artifact, tiny, tiny_quant, hf_gqa_model):
+    """Prefill 16 + 32 teacher-forced decode steps: fp16 program vs eager (fp32 or int4 reference)."""
+    loaded = tiny if which == "tiny" else hf_gqa_model
+    q = (tiny_quant if which == "tiny" else None) if quant == "int4" else None
+    art = export_artifact("coreml", model="tiny" if which == "tiny" else loaded, quant=quant)
+    cand, ref = _interp(art), _eager(loaded, q)
+    ids = _ids(16 + N_DECODE + 1, loaded.config.vocab_size)
+    st = teacher_forced(cand, ref, ids, prompt_len=16)
+    assert len(st.rel) == N_DECODE + 1
+    print(f"coreml {which} {quant}: max rel {st.max_rel:.2e}, max |Δ| {st.max_abs_all:.2e}")
+    assert st.max_rel <= REL_BOUND, f"max |Δlogit|/max|logit| {st.max_rel:.3e} > {REL_BOUND}"
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4(export_artifact):
+    return export_artifact("coreml", model="smollm2", quant="int4")
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_int4, smollm2, smollm2_quant):
+    return _interp(smollm2_int4), _eager(smollm2, smollm2_quant)
+
+
+def test_smollm2_int4_parity_and_greedy(smollm2_pair, smollm2):
+    """Prefill + 32 decode steps along the reference's greedy path: every step's argmax agreeing
+    means the candidate's own greedy decoding reproduces the reference's tokens exactly."""
+    cand, ref = smollm2_pair
+    prompt = smollm2.tokenizer().encode("The capital of France is Paris. The capital of Germany is")
+    r = greedy_tokens(ref, prompt, N_DECODE)
+    rows = {}
+    for key, b in (("cand", cand), ("ref", ref)):
+        b.reset()
+        rows[key] = np.stack([b.prefill(prompt)] + [b.decode(t) for t in r[:-1]])
+    c = [int(np.argmax(x)) for x in rows["cand"]]
+    assert c == r, f"greedy tokens diverge at step {next(i for i, (a, b) in enumerate(zip(c, r)) if a != b)}"
+    st = compare_logits(rows["cand"], rows["ref"])
+    print(f"coreml smollm2 int4: {N_DECODE} greedy tokens equal; max rel {st.max_rel:.2e}, "
+          f"top-1 {st.top1_rate:.3f}, mean KL {st.mean_kl:.2e}")
+    assert st.max_rel <= REL_BOUND
+    assert st.top1_rate == 1.0
+
+
+def test_smollm2_int4_perplexity(smollm2_pair, smollm2, heldout_text):
+    cand, ref = smollm2_pair
+    ids = smollm2.tokenizer().encode(heldout_text)[:PPL_TOKENS + 1]
+    pc, pr = perplexity(cand, ids), perplexity(ref, ids)
+    print(f"coreml smollm2 int4 perplexity over {len(ids) - 1} tokens: {pc:.4f} (eager int4 {pr:.4f})")
+    assert abs(pc / pr - 1) <= 0.03
+
+
+def test_weight_blobs_hold_the_shared_codes(smollm2_int4, smollm2_quant):
+    """Codes and scales read back from weight.bin equal the shared quantization exactly."""
+    from export.to_coreml import _weight_key
+    from runtime.inspect import read_blockwise_weights
+
+    blobs = read_blockwise_weights(smollm2_int4 / "model.mlpackage")
+    by_key = {k.replace(".", "_"): q for k, q in smollm2_quant.weights.items()}
+    seen = set()
+    for name, b in blobs.items():
+        q = by_key[_weight_key(name[: -len("_int4")])]
+        np.testing.assert_array_equal(b["data"], q.codes.numpy(), err_msg=name)
+        np.testing.assert_array_equal(b["scale"].astype(np.float32), q.scales.numpy(), err_msg=name)
+        assert b["scale"].dtype == np.float16
+        seen.add(id(q))
+    assert seen == {id(q) for q in smollm2_quant.weights.values()}, "a quantized tensor has no int4 blob"
+
+
+def test_structure(smollm2_int4, smollm2, smollm2_quant):
+    from runtime.inspect import inspect_artifact, render
+
+    rep = inspect_artifact(smollm2_int4)
+    print(render(rep))
+    fn = rep["functions"]["main"]
+    n, cap = smollm2.config.n_layers, smollm2.config.max_seq_len
+    assert rep["deployment_target"] == "iOS18" and rep["model_type"] == "mlProgram"
+    assert fn["sdpa"] == n
+    assert len(rep["states"]) == 2 * n and fn["state_writes"] == 2 * n
+    assert all(s["dtype"] == "FLOAT16" and s["shape"][2] == cap for s in rep["states"].values())
+    assert rep["inputs"]["input_pos"]["ranges"] == [[1, cap - 1]]
+    assert fn["int4_weight_ops"] == len({id(q) for q in smollm2_quant.weights.values()})
+    assert fn["stray_fp32_weights"] == []
+    # fp16 holds the per-block scales (one per 32 codes), norms, RoPE tables: no weight matrix
+    int4 = fn["weight_elements"]["INT4"]
+    assert fn["weight_elements"].get("FLOAT16", 0) - int4 / 32 < 0.1 * int4 / 32
+
+
+def test_tampered_package_is_refused(export_artifact, tmp_path):
+    from runtime import load
+    from runtime.artifact import ArtifactError
+
+    art = tmp_path / "a"
+    shutil.copytree(export_artifact("coreml", model="tiny", quant="int4"), art)
+    blob = art / "model.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load(str(art))
+
+
+def test_cache_overflow_is_a_clear_error(export_artifact, tiny):
+    from runtime.backend import CacheOverflowError
+
+    b = _interp(export_artifact("coreml", model="tiny", quant="int4"))
+    cap = tiny.config.max_seq_len
+    b.prefill(_ids(cap - 1, 1000))  # the largest chunk the program takes
+    b.decode(5)
+    with pytest.raises(CacheOverflowError, match="capacity"):
+        b.decode(5)
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML's runtime (MLModel.predict, make_state) exists only on macOS")
+def test_coreml_runtime_matches_eager(export_artifact, tiny, tiny_quant):
+    from runtime import load
+
+    art = export_artifact("coreml", model="tiny", quant="int4")
+    cand = load(str(art), engine="coreml")
+    st = teacher_forced(cand, _eager(tiny, tiny_quant), _ids(16 + N_DECODE + 1, tiny.config.vocab_size), 16)
+    assert st.max_rel <= REL_BOUND
