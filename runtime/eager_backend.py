@@ -76,8 +76,19 @@ class EagerBackend(CachedBackend):
     def reference_for(cls, manifest: dict[str, Any], int4: bool | None = None, **kw) -> "EagerBackend":
         """The eager model an artifact was exported from (``int4`` defaults to the artifact's)."""
         loaded = loaded_from_manifest(manifest)
+        recorded = manifest.get("quantization", {})
         if int4 is None:
-            int4 = manifest.get("quantization", {}).get("scheme", "none") != "none"
+            int4 = recorded.get("scheme", "none") != "none"
+        if int4 and "quantization" not in kw:
+            from export.pipeline import quantize_for
+
+            quant = quantize_for(loaded, "int4", progress=lambda s: None)
+            digest = quant.summary().get("sha256")
+            if recorded.get("sha256") and digest != recorded["sha256"]:
+                raise ValueError(f"artifact {manifest.get('name')} carries a different int4 quantization than "
+                                 f"this edgellm computes now (sha256 {recorded['sha256'][:12]} vs {digest[:12]}); "
+                                 f"re-export it with this version")
+            kw["quantization"] = quant
         return cls.from_loaded(loaded, int4=int4, **kw)
 
 

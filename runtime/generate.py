@@ -100,8 +100,8 @@ def generate(backend: Backend, prompt: str | list[int], cfg: SamplingConfig | No
     cfg = cfg or SamplingConfig()
     tok = backend.tokenizer
     if isinstance(prompt, str):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-        ids = tok.encode(text, allow_special=chat)
+        messages = [{"role": "user", "content": prompt}]
+        ids = tok.encode_chat(messages) if chat else tok.encode(prompt)
         if add_bos and tok.bos_id is not None:
             ids = [tok.bos_id] + ids
     else:

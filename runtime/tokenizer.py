@@ -19,6 +19,7 @@ import base64
 import codecs
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -66,31 +67,42 @@ XVERSE_CHAT: dict[str, Any] = {
 _TEMPLATE_KEYS = ("header", "default_system", "system", "user", "assistant", "generation_prompt")
 
 
-def render_chat(template: dict[str, Any], messages: Iterable[dict[str, str]],
-                add_generation_prompt: bool = True) -> str:
-    """Render messages with a data chat template (see module docstring for the shape)."""
+def render_chat_parts(template: dict[str, Any], messages: Iterable[dict[str, str]],
+                      add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+    """Render messages as (text, from_template) pieces; message contents are not template."""
     unknown = sorted(set(template) - set(_TEMPLATE_KEYS))
     if unknown:
         raise ValueError(f"unknown chat_template field {unknown[0]!r}; valid: {', '.join(_TEMPLATE_KEYS)}")
     messages = list(messages)
-    out = [template.get("header") or ""]
+    out: list[tuple[str, bool]] = [(template.get("header") or "", True)]
+
+    def turn(fmt: str, content: str, content_is_template: bool = False):
+        before, _, after = fmt.partition("{content}")
+        out.extend([(before, True), (content, content_is_template), (after, True)])
+
     system = next((m for m in messages if m.get("role") == "system"), None)
     sys_text = system["content"] if system is not None else template.get("default_system")
     if sys_text is not None:
         if not template.get("system"):
             raise ValueError("this chat template has no system turn; drop the system message "
                              "or add a 'system' entry to the template")
-        out.append(template["system"].replace("{content}", sys_text))
+        turn(template["system"], sys_text, content_is_template=system is None)
     for m in messages:
         role = m.get("role")
         if role == "system":
             continue
         if role not in ("user", "assistant"):
             raise ValueError(f"unknown chat role {role!r}; use system, user or assistant")
-        out.append(template[role].replace("{content}", m["content"]))
+        turn(template[role], m["content"])
     if add_generation_prompt:
-        out.append(template["generation_prompt"])
-    return "".join(out)
+        out.append((template["generation_prompt"], True))
+    return [(t, tpl) for t, tpl in out if t]
+
+
+def render_chat(template: dict[str, Any], messages: Iterable[dict[str, str]],
+                add_generation_prompt: bool = True) -> str:
+    """Render messages with a data chat template (see module docstring for the shape)."""
+    return "".join(t for t, _ in render_chat_parts(template, messages, add_generation_prompt))
 
 
 # ---- streaming decode ----
@@ -160,6 +172,34 @@ class Tokenizer:
             ids = self._enc.encode_ordinary(text)
         if self.dropped_ids:
             ids = [i for i in ids if i not in self.dropped_ids]
+        return ids
+
+    def encode_chat(self, messages: Iterable[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of the rendered chat prompt. Special tokens are recognized only in the template's
+        own text: a user who types ``<|im_start|>`` gets those characters, not a new turn."""
+        if self.chat_template is None:
+            raise ValueError(f"tokenizer {self.source!r} has no chat template; set chat_template in the recipe")
+        specials = sorted(self.special_tokens, key=len, reverse=True)
+        split = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")") if specials else None
+        ids: list[int] = []
+        plain: list[str] = []
+
+        def flush():
+            if plain:
+                ids.extend(self.encode("".join(plain)))
+                plain.clear()
+
+        for text, from_template in render_chat_parts(self.chat_template, messages, add_generation_prompt):
+            if not from_template or split is None:
+                plain.append(text)
+                continue
+            for i, piece in enumerate(split.split(text)):
+                if i % 2:
+                    flush()
+                    ids.append(self.special_tokens[piece])
+                elif piece:
+                    plain.append(piece)
+        flush()
         return ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
