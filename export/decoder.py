@@ -121,7 +121,7 @@ class KVCache(nn.Module):
             self.v.index_copy_(2, input_pos, v)
         elif kind == "slice":
             start = input_pos[0].item()
-            torch._check_is_size(start)
+            torch._check(start >= 0)
             torch._check(start + k.shape[2] <= self.k.shape[2])
             self.k[:, :, start:start + k.shape[2]] = k
             self.v[:, :, start:start + v.shape[2]] = v
@@ -132,7 +132,7 @@ class KVCache(nn.Module):
         else:  # custom_op
             ops = _custom_ops()
             start = input_pos[0].item()
-            torch._check_is_size(start)
+            torch._check(start >= 0)
             torch._check(start < self.k.shape[1])
             ops.update_cache(k, self.k, start)
             ops.update_cache(v, self.v, start)
@@ -294,7 +294,7 @@ class Decoder(nn.Module):
             cos, sin = onehot @ self.rope_cos, onehot @ self.rope_sin
         elif opts.rope_lookup == "slice":
             start = input_pos[0].item()
-            torch._check_is_size(start)
+            torch._check(start >= 0)
             torch._check(start + T <= self.config.max_seq_len)
             cos, sin = self.rope_cos.narrow(0, start, T), self.rope_sin.narrow(0, start, T)
         else:
@@ -313,7 +313,7 @@ class Decoder(nn.Module):
         n = None
         if n_valid is not None and opts.attention != "custom_sdpa":
             n = n_valid.item()
-            torch._check_is_size(n)
+            torch._check(n >= 0)
             torch._check(n >= 1)
             torch._check(n <= cfg.max_seq_len)
             mask = mask[:, :n]

@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.artifact import sha256_file
+
 
 @dataclass(frozen=True)
 class Asset:
@@ -60,14 +62,6 @@ def assets_dir() -> Path:
     d = home / "assets"
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download(asset: Asset, tmp: Path) -> Path:
@@ -115,7 +109,7 @@ def fetch(name: str) -> Path:
         raise AssetError(f"unknown asset {name!r}; known: {', '.join(sorted(ASSETS))}")
     asset = ASSETS[name]
     dest = assets_dir() / name
-    if dest.exists() and (not asset.sha256 or _sha256(dest) == asset.sha256):
+    if dest.exists() and (not asset.sha256 or sha256_file(dest) == asset.sha256):
         return dest
     with tempfile.TemporaryDirectory(dir=assets_dir()) as tmpd:
         tmp = Path(tmpd)
