@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--quant", choices=["int4", "none"], help="default: the recipe's quantization")
     p.add_argument("--max-seq-len", type=int, help="KV cache capacity (default: the recipe's)")
     p.add_argument("--out", default="out", help="output root; artifacts go to OUT/<recipe>-<target>-<quant>/")
-    p.add_argument("--flavour", dest="variant", help="target flavour, e.g. executorch: portable|fast")
+    p.add_argument("--flavour", dest="variant", help="target flavour: executorch portable|fast (default portable), onnx fast|portable (default fast)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (recipes without a checkpoint)")
     p.add_argument("--n-layers", type=int, help="truncate the depth (dry runs of big recipes)")
     args = p.parse_args(argv)

@@ -50,8 +50,8 @@ _IGNORE_MERGES_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "tekken"}
 
 
 @lru_cache(maxsize=1)
-def byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in char -> the raw byte."""
+def byte_encoder() -> dict[int, str]:
+    """GPT-2's bytes_to_unicode: raw byte -> the printable stand-in char (the ByteLevel alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -60,7 +60,13 @@ def byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in char -> the raw byte."""
+    return {c: b for b, c in byte_encoder().items()}
 
 
 def _unbyte(token: str) -> bytes:

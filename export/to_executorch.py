@@ -1,0 +1,184 @@
+"""ExecuTorch target: the one decoder, lowered to XNNPACK, as a ``.pte`` with its KV cache inside.
+
+One method ``forward(tokens int64[1, T], input_pos int64[T]) -> logits float32[1, T, vocab]``
+with a dynamic T (1..capacity-1) serves prefill and decode; the KV cache is a set of mutable
+buffers that persist between calls. Two flavours of the same decoder (``job.variant``):
+
+- ``portable``: only standard ATen ops, formulated so that XNNPACK takes nearly everything
+  (RMSNorm mean as a matmul, RoPE rows and the causal mask from float arithmetic, GQA by
+  folding query heads instead of copying K/V); the cache write is an ``index_copy`` made
+  in-place. Runs in a plain C++ runtime built from the wheel's libraries.
+- ``fast``: ExecuTorch's LLM custom ops (``llama::update_cache``, ``llama::custom_sdpa``),
+  which attend only to the filled part of the cache; needs the custom-ops library at runtime.
+
+int4: linears are 8da4w (int8 dynamic per-token activations, int4 weights) and the embedding
+is 4-bit weight-only, both built from the codes and scales of the shared quantization
+(``job.quant``) as torchao ``IntxUnpackedToInt8Tensor`` -- nothing is re-quantized here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.decoder import Decoder, DecoderOptions
+
+PTE_FILE = "model.pte"
+VARIANTS = ("portable", "fast")
+OPTIONS = {
+    "portable": DecoderOptions(cache_update="index_copy", attention="bmm", norm="matmul", rope_lookup="onehot",
+                               rope_rotate="linear", mask_build="arith", mask_value=-1e30),
+    "fast": DecoderOptions(cache_update="custom_op", attention="custom_sdpa", norm="matmul", rope_lookup="onehot",
+                           rope_rotate="linear"),
+}
+
+
+def variant_of(job) -> str:
+    variant = job.variant or "portable"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown ExecuTorch variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    return variant
+
+
+# ---- the shared int4 quantization as torchao tensor subclasses ----
+
+def intx_tensor(qw, dynamic_activations: bool):
+    """``QuantizedWeight`` -> ``IntxUnpackedToInt8Tensor`` carrying exactly its codes and scales."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
+
+    codes = qw.codes.to(torch.int8)
+    if qw.zero_points is not None:
+        raise ValueError("XNNPACK's 4-bit kernels are symmetric but this quantization has zero points; "
+                         "set quantization.symmetric: true in the recipe")
+    if int(codes.min()) < -8 or int(codes.max()) > 7:
+        raise ValueError(f"int4 codes outside [-8, 7] (got [{int(codes.min())}, {int(codes.max())}])")
+    scales = qw.scales.to(torch.float32)
+    act = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if dynamic_activations else None
+    return IntxUnpackedToInt8Tensor(codes, scales, torch.zeros(scales.shape, dtype=torch.int8), torch.int4,
+                                    (1, qw.group_size), torch.float32, act)
+
+
+def attach_quantization(model: Decoder, quant) -> list[str]:
+    """Replace every quantized weight of ``model`` by its int4 tensor; returns the names replaced."""
+    modules = dict(model.named_modules())
+    done = []
+    for name, qw in quant.weights.items():
+        mod_name, _, attr = name.rpartition(".")
+        mod = modules.get(mod_name)
+        if mod is None or attr != "weight":
+            raise KeyError(f"quantized weight {name!r} does not exist in the decoder")
+        if isinstance(mod, nn.Linear):
+            if mod.in_features % qw.group_size:
+                raise ValueError(f"{name}: in_features {mod.in_features} is not a multiple of the group size "
+                                 f"{qw.group_size}; XNNPACK's 4-bit linear needs whole groups")
+            mod.weight = nn.Parameter(intx_tensor(qw, dynamic_activations=True), requires_grad=False)
+        elif isinstance(mod, nn.Embedding):
+            mod.weight = nn.Parameter(intx_tensor(qw, dynamic_activations=False), requires_grad=False)
+        else:
+            raise TypeError(f"quantized weight {name!r} belongs to a {type(mod).__name__}, not a Linear/Embedding")
+        done.append(name)
+    return done
+
+
+# ---- export ----
+
+def constant_methods(job, variant: str) -> dict:
+    """Metadata ExecuTorch's LLM runner (TextLLMRunner) reads from the program."""
+    cfg, rec = job.loaded.config, job.loaded.recipe
+    return {
+        "get_max_seq_len": cfg.max_seq_len,
+        "get_max_context_len": cfg.max_seq_len,
+        "get_vocab_size": cfg.vocab_size,
+        "get_n_layers": cfg.n_layers,
+        "get_bos_id": rec.bos_id if rec.bos_id is not None else -1,
+        "get_eos_ids": list(rec.eos_ids),
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": variant == "fast",
+        "enable_dynamic_shape": True,
+    }
+
+
+def export_program(model: Decoder, max_seq_len: int):
+    """torch.export with a dynamic query length 1..capacity-1."""
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2, dtype=torch.long))
+    T = torch.export.Dim("T", min=1, max=max_seq_len - 1)
+    with torch.no_grad():
+        return torch.export.export(model, example, dynamic_shapes=({1: T}, {0: T}), strict=False)
+
+
+def lower_program(ep, constants: dict):
+    """XNNPACK partitioning -> ExecuTorch program (cache write made in-place)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.dialects._ops import ops
+    from executorch.exir.passes import MemoryPlanningPass
+
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=constants,
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    et = edge.to_executorch(ExecutorchBackendConfig(
+        passes=[], do_quant_fusion_and_const_prop=True,  # torchao dequantize_affine+embedding -> embedding_4bit
+        run_reinplace_pass=True, reinplace_extra_ops=frozenset({ops.edge.aten.index_copy.default}),
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=True, alloc_graph_output=True)))
+    return et, delegation_census(et.exported_program())
+
+
+def delegation_census(ep) -> dict:
+    """Ops left outside the XNNPACK delegates (name -> count) and the number of delegate calls."""
+    outside, delegates = Counter(), 0
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if "executorch_call_delegate" in name:
+            delegates += 1
+        elif name not in ("getitem",) and not name.startswith("sym_") and "_assert" not in name:
+            outside[name] += 1
+    return {"delegates": delegates, "outside": dict(sorted(outside.items()))}
+
+
+def exported_program(job):
+    """The program handed to lowering: (ExportedProgram, options, variant, quantized names)."""
+    variant = variant_of(job)
+    if variant == "fast":
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::*)
+    opts = OPTIONS[variant]
+    model = job.decoder(opts)
+    quantized = []
+    if job.quant is not None:
+        quantized = attach_quantization(model, job.quant)
+        job.progress(f"executorch: {len(quantized)} weights as int4 (8da4w linears, 4-bit embedding)")
+    t = time.time()
+    ep = export_program(model, job.loaded.config.max_seq_len)
+    job.progress(f"executorch: torch.export in {time.time() - t:.1f}s")
+    return ep, opts, variant, quantized
+
+
+def lower(job) -> Path:
+    cfg = job.loaded.config
+    ep, opts, variant, quantized = exported_program(job)
+    t = time.time()
+    et, census = lower_program(ep, constant_methods(job, variant))
+    outside = ", ".join(f"{k} x{v}" for k, v in census["outside"].items()) or "none"
+    job.progress(f"executorch: lowered in {time.time() - t:.1f}s; {census['delegates']} XNNPACK delegate calls; "
+                 f"ops outside delegates: {outside}")
+    with job.writer() as w:
+        w.path(PTE_FILE).write_bytes(et.buffer)
+        job.write_tokenizer(w)
+        from runtime import tokenizer_json
+        from runtime.tokenizer import Tokenizer
+
+        tokenizer_json.write(Tokenizer.load(w.dir), w.dir)  # for ExecuTorch's TextLLMRunner
+        manifest = job.manifest(PTE_FILE, opts, executorch={
+            "variant": variant, "method": "forward", "dynamic_tokens": [1, cfg.max_seq_len - 1],
+            "custom_ops": variant == "fast", "quantized_weights": len(quantized),
+            "linear_scheme": "8da4w" if quantized else "fp32", "delegation": census,
+            "runner_tokenizer": RUNNER_TOKENIZER})
+        return w.commit(manifest)
+
+
+RUNNER_TOKENIZER = "tokenizer.json"  # what ExecuTorch's TextLLMRunner reads (see runtime.tokenizer_json)

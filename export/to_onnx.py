@@ -1,0 +1,498 @@
+"""Lower the one decoder to ONNX for ONNX Runtime (CPU, and onnxruntime-web for ``portable``).
+
+The decoder is traced once with ``torch.onnx.export(dynamo=True)`` through a wrapper whose
+named inputs are ``input_ids`` int64[1, T], ``position_ids`` int64[T], ``n_valid`` int64[]
+(cache slots filled after this call = position_ids[-1] + 1) and ``past_key_i`` /
+``past_value_i`` float32[1, Hkv, capacity, D]; outputs are ``logits`` float32[1, T, vocab] and
+``present_key_i`` / ``present_value_i`` (same shape as past: bind them to the past buffers and
+the cache stays in place). The cache is written with ScatterElements along the sequence axis
+(no whole-cache copy) and attention reads only the first ``n_valid`` slots.
+
+The traced graph is then rewritten with onnx-ir, never re-derived:
+  * int4: each linear becomes ``MatMulNBits`` and the embedding ``GatherBlockQuantized``, with
+    packed codes and scales written from ``job.quant`` (the shared quantization) -- symmetric
+    codes c in [-8, 7] are stored as c + 8 with the ops' default zero point 8; asymmetric codes
+    carry their zero points. A tied lm_head and the embedding share one packed tensor.
+  * variant ``fast`` (default): what ORT's CPU kernels reward -- per layer one fused-QKV
+    ``MatMulNBits`` feeding ``GroupQueryAttention`` (rotary fused, cos/sin tables as caches,
+    past/present sharing one buffer), residual Add + RMSNorm as ``SkipSimplifiedLayerNormalization``.
+  * variant ``portable``: standard opset-23 ops (Attention, RMSNormalization, ScatterElements)
+    plus the two int4 contrib ops, the set onnxruntime-web (wasm) was seen to run.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.decoder import Decoder, DecoderOptions
+
+OPSET = 23
+VARIANTS = ("fast", "portable")
+DEFAULT_VARIANT = "fast"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+EXTERNAL_DATA_ABOVE = 1 << 30  # bytes of weights; protobuf refuses files of 2 GiB and more
+STORED_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (the fast path); runtime may rewrite it
+MS = "com.microsoft"
+WEIGHTS_KEY = "edgellm.weights"  # node metadata: "state-dict name:rows,..." of an int4 node
+TRACE_OPTIONS = DecoderOptions(cache_update="scatter", attention="sdpa_gqa")
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    cache = [f"{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+    return (["input_ids", "position_ids", "n_valid"] + [f"past_{c}" for c in cache],
+            ["logits"] + [f"present_{c}" for c in cache])
+
+
+# --------------------------------------------------------------------------- tracing
+
+class _Wrapper(torch.nn.Module):
+    """Named past_* inputs become the decoder's cache buffers; present_* are the updated ones."""
+
+    def __init__(self, model: Decoder):
+        super().__init__()
+        self.model = model
+
+    def run(self, input_ids, position_ids, n_valid, past):
+        attns = [layer.self_attn.kv_cache for layer in self.model.layers]
+        for i, cache in enumerate(attns):
+            cache.k, cache.v = past[2 * i], past[2 * i + 1]
+        logits = self.model(input_ids, position_ids, n_valid)
+        out = [logits]
+        for cache in attns:
+            out += [cache.k, cache.v]
+        return tuple(out)
+
+
+def _wrapper(model: Decoder) -> torch.nn.Module:
+    # torch.export binds inputs by the forward's signature: spell every past_* name out
+    # (a *past signature breaks dynamic_shapes).
+    names, _ = io_names(model.config.n_layers)
+    past = ", ".join(names[3:])
+    src = (f"def forward(self, input_ids, position_ids, n_valid, {past}):\n"
+           f"    return self.run(input_ids, position_ids, n_valid, [{past}])\n")
+    ns: dict = {}
+    exec(src, ns)  # noqa: S102 - generated from integer layer counts only
+    cls = type("OnnxDecoder", (_Wrapper,), {"forward": ns["forward"]})
+    return cls(model).eval()
+
+
+def trace(model: Decoder):
+    """torch.export -> ONNX (opset 23) of ``model``; returns the onnx-ir Model."""
+    cfg = model.config
+    names, out_names = io_names(cfg.n_layers)
+    S = cfg.max_seq_len
+    T = torch.export.Dim("T", min=1, max=S - 1)
+    kv = [torch.zeros(1, cfg.n_kv_heads, S, cfg.head_dim) for _ in range(2 * cfg.n_layers)]
+    args = (torch.zeros(1, 3, dtype=torch.long), torch.arange(3), torch.tensor(3), *kv)
+    dyn = {"input_ids": {1: T}, "position_ids": {0: T}, **{n: None for n in names[2:]}}
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(_wrapper(model), args, dynamic_shapes=dyn, dynamo=True, opset_version=OPSET,
+                                 input_names=names, output_names=out_names, verbose=False, report=False)
+    return prog.model
+
+
+# --------------------------------------------------------------------------- graph helpers
+
+def _scope(node) -> str | None:
+    """The decoder module a node was traced from, e.g. ``layers.0.self_attn.q_proj``."""
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return None
+    mods = [s for s in ast.literal_eval(raw) if s.startswith("model.")]
+    return mods[-1][len("model."):] if mods else None
+
+
+def _nodes_by_scope(graph, op_type: str) -> dict[str, object]:
+    out = {}
+    for node in graph:
+        if node.op_type == op_type and node.domain == "":
+            s = _scope(node)
+            if s is not None:
+                out.setdefault(s, node)
+    return out
+
+
+def _init(graph, name: str, array: np.ndarray):
+    import onnx_ir as ir
+
+    v = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
+                 type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    graph.register_initializer(v)
+    return v
+
+
+def _replace(graph, old, new_node, outputs=None):
+    """Insert ``new_node`` before ``old`` and move the uses (and names) of old's outputs to it."""
+    graph.insert_before(old, new_node)
+    pairs = outputs if outputs is not None else list(zip(old.outputs, new_node.outputs))
+    for o, n in pairs:
+        _replace_value(o, n)
+
+
+def _node(domain: str, op_type: str, inputs, attributes=None, **kw):
+    import onnx_ir as ir
+
+    return ir.node(op_type, inputs, attributes, domain=domain, **kw)
+
+
+def _const_array(value) -> np.ndarray | None:
+    return None if value is None or value.const_value is None else value.const_value.numpy()
+
+
+def _remove_unused(model) -> None:
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+    used = {id(v) for n in model.graph.all_nodes() for v in n.inputs if v is not None}
+    used |= {id(v) for v in model.graph.outputs}
+    for name, v in list(model.graph.initializers.items()):
+        if id(v) not in used and not v.is_graph_input():
+            del model.graph.initializers[name]
+
+
+# --------------------------------------------------------------------------- int4
+
+def pack_nibbles(u4: np.ndarray) -> np.ndarray:
+    """uint8 values in [0, 15], last axis even -> two per byte, element 2j in the low nibble."""
+    u4 = u4.astype(np.uint8)
+    return (u4[..., 0::2] | (u4[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 0xF, packed >> 4
+    return out
+
+
+def onnx_int4(qw) -> dict[str, np.ndarray]:
+    """The shared ``QuantizedWeight`` as MatMulNBits / GatherBlockQuantized tensors.
+
+    ``data``: uint8 [rows, cols/2] packed codes (+8 when symmetric), ``scales`` float32
+    [rows, groups], ``zero_points``: uint8 [rows, ceil(groups/2)] packed, or absent (= 8).
+    """
+    codes = qw.codes.cpu().numpy().astype(np.int16)
+    rows, cols = codes.shape
+    if cols % qw.group_size or qw.group_size % 2:
+        raise ValueError(f"int4 weight of {cols} columns is not a whole number of groups of {qw.group_size}")
+    out = {"scales": qw.scales.cpu().numpy().astype(np.float32).reshape(rows, cols // qw.group_size)}
+    if qw.zero_points is None:
+        u = codes + 8
+    else:
+        u = codes
+        zp = qw.zero_points.cpu().numpy().astype(np.int16).reshape(rows, -1)
+        if zp.shape[1] % 2:
+            zp = np.pad(zp, ((0, 0), (0, 1)))
+        if zp.min() < 0 or zp.max() > 15:
+            raise ValueError("int4 zero points must lie in [0, 15]")
+        out["zero_points"] = pack_nibbles(zp)
+    if u.min() < 0 or u.max() > 15:
+        raise ValueError("int4 codes out of range for the ONNX 4-bit ops")
+    out["data"] = pack_nibbles(u)
+    return out
+
+
+def _matmul_nbits(graph, a, t: dict[str, np.ndarray], name: str, K: int, N: int, group: int, level: int,
+                  weights: str | None = None):
+    nb = K // group
+    b = _init(graph, f"{name}.qweight", t["data"].reshape(N, nb, group // 2))
+    s = _init(graph, f"{name}.scales", t["scales"].reshape(N * nb))
+    inputs = [a, b, s]
+    if "zero_points" in t:
+        inputs.append(_init(graph, f"{name}.qzeros", t["zero_points"].reshape(-1)))
+    return _node(MS, "MatMulNBits", inputs, attributes={
+        "K": K, "N": N, "bits": 4, "block_size": group, "accuracy_level": level}, name=f"{name}/MatMulNBits",
+        metadata_props={WEIGHTS_KEY: weights or f"{name}.weight:{N}"})
+
+
+def apply_int4(model, quant, cfg, progress=print) -> None:
+    """Replace float linears/embedding by int4 contrib ops carrying ``quant``'s codes and scales."""
+    g = model.graph
+    matmuls = _nodes_by_scope(g, "MatMul")
+    count = 0
+    packed_by_id: dict[int, dict] = {}
+    for scope, node in matmuls.items():
+        key = f"{scope}.weight"
+        qw = quant.weights.get(key)
+        if qw is None:
+            continue
+        w = _const_array(node.inputs[1])
+        N, K = qw.codes.shape
+        src = node.inputs[1].producer()
+        if w is None and src is not None and src.op_type == "Transpose":  # tied head: Transpose(embedding)
+            w = _const_array(src.inputs[0])
+            w = None if w is None else w.T
+        if w is None or w.shape != (K, N):
+            raise RuntimeError(f"ONNX lowering: {key} is not a constant [{K}, {N}] MatMul weight in the traced graph")
+        t = packed_by_id.setdefault(id(qw), onnx_int4(qw))
+        new = _matmul_nbits(g, node.inputs[0], t, scope, K, N, qw.group_size, STORED_ACCURACY_LEVEL)
+        _replace(g, node, new)
+        count += 1
+    emb = quant.weights.get("embed_tokens.weight")
+    if emb is not None:
+        gather = _nodes_by_scope(g, "Gather").get("embed_tokens")
+        if gather is None:
+            raise RuntimeError("ONNX lowering: no embedding Gather found in the traced graph")
+        V, D = emb.codes.shape
+        t = packed_by_id.setdefault(id(emb), onnx_int4(emb))
+        lm = g.initializers.get("lm_head.qweight")
+        tied = quant.weights.get("lm_head.weight") is emb and lm is not None
+        if tied:  # one packed tensor: the lm_head's [V, blocks, group/2] viewed as [V, D/2]
+            shape = _init(g, "embed_tokens.qshape", np.array([V, D // 2], np.int64))
+            rs = _node("", "Reshape", [lm, shape], name="embed_tokens/Reshape")
+            g.insert_before(gather, rs)
+            data = rs.outputs[0]
+            data.name = "embed_tokens.qweight"
+        else:
+            data = _init(g, "embed_tokens.qweight", t["data"])
+        inputs = [data, gather.inputs[1],
+                  _init(g, "embed_tokens.scales", t["scales"])]
+        if "zero_points" in t:
+            inputs.append(_init(g, "embed_tokens.qzeros", t["zero_points"]))
+        new = _node(MS, "GatherBlockQuantized", inputs, attributes={
+            "gather_axis": 0, "quantize_axis": 1, "block_size": emb.group_size, "bits": 4},
+            name="embed_tokens/GatherBlockQuantized", metadata_props={WEIGHTS_KEY: f"embed_tokens.weight:{V}"})
+        _replace(g, gather, new)
+        count += 1
+    _remove_unused(model)
+    progress(f"onnx: {count} tensors as MatMulNBits/GatherBlockQuantized from the shared int4 codes")
+
+
+def read_int4(model_path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Read back the int4 tensors of a saved model: {state-dict name: {codes, scales, zero_points}}.
+
+    ``codes`` are the stored nibbles minus the zero point's default (8) when no zero points
+    are stored, i.e. directly comparable to the shared quantization's codes.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(model_path), load_external_data=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    consts = dict(inits)
+    for node in m.graph.node:  # the tied embedding's Reshape of the lm_head tensor
+        if node.op_type == "Reshape" and node.input[0] in consts and node.input[1] in consts:
+            consts[node.output[0]] = consts[node.input[0]].reshape(consts[node.input[1]])
+    out = {}
+    for node in m.graph.node:
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        group = attrs["block_size"]
+        data = consts[node.input[0] if node.op_type == "GatherBlockQuantized" else node.input[1]]
+        rows = attrs["N"] if node.op_type == "MatMulNBits" else data.shape[0]
+        nib = unpack_nibbles(data.reshape(rows, -1)).astype(np.int16)
+        s_name = node.input[2]
+        scales = consts[s_name].reshape(rows, -1)
+        zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        zps = None
+        if zp_name:
+            zps = unpack_nibbles(consts[zp_name].reshape(rows, -1))[:, :scales.shape[1]].astype(np.int8)
+            codes = nib.astype(np.int8)
+        else:
+            codes = (nib - 8).astype(np.int8)
+        meta = {p.key: p.value for p in node.metadata_props}
+        r0 = 0
+        for item in meta[WEIGHTS_KEY].split(","):  # a fused QKV node carries three weights
+            name, n = item.rsplit(":", 1)
+            sl = slice(r0, r0 + int(n))
+            r0 += int(n)
+            out[name] = {"codes": codes[sl], "scales": scales[sl],
+                         "zero_points": None if zps is None else zps[sl], "group_size": group}
+    return out
+
+
+# --------------------------------------------------------------------------- fusions (variant fast)
+
+def _linear_output(graph, scope: str, op_types=("MatMul", "MatMulNBits")):
+    """The node computing ``scope``'s matmul and the value its module returns (after a bias Add)."""
+    mm = None
+    for node in graph:
+        if node.op_type in op_types and (_scope(node) == scope or node.name.startswith(f"{scope}/")):
+            mm = node
+            break
+    if mm is None:
+        return None, None
+    out = mm.outputs[0]
+    uses = list(out.uses())
+    if len(uses) == 1 and uses[0][0].op_type == "Add" and _scope(uses[0][0]) == scope:
+        return mm, uses[0][0].outputs[0]
+    return mm, out
+
+
+def _fuse_qkv(graph, q_mm, k_mm, v_mm, prefix: str):
+    """One matmul for q, k and v (same input, no bias): [q | k | v] along N."""
+    if q_mm.op_type == "MatMulNBits":
+        if not all(n.op_type == "MatMulNBits" for n in (k_mm, v_mm)):
+            return None
+        ins = [[_const_array(x) for x in n.inputs[1:]] for n in (q_mm, k_mm, v_mm)]
+        if any(len(i) != len(ins[0]) for i in ins):
+            return None
+        attrs = {k: v.value for k, v in q_mm.attributes.items()}
+        Ns = [n.attributes["N"].value for n in (q_mm, k_mm, v_mm)]
+        K, group = attrs["K"], attrs["block_size"]
+        nb = K // group
+        t = {"data": np.concatenate([i[0] for i in ins]).reshape(sum(Ns), K // 2),
+             "scales": np.concatenate([i[1].reshape(-1, nb) for i in ins])}
+        if len(ins[0]) > 2:
+            t["zero_points"] = np.concatenate([i[2].reshape(n, -1) for i, n in zip(ins, Ns)])
+        weights = ",".join(n.metadata_props[WEIGHTS_KEY] for n in (q_mm, k_mm, v_mm))
+        node = _matmul_nbits(graph, q_mm.inputs[0], t, f"{prefix}.qkv_proj", K, sum(Ns), group,
+                             attrs["accuracy_level"], weights)
+    else:
+        ws = [_const_array(n.inputs[1]) for n in (q_mm, k_mm, v_mm)]
+        if any(w is None for w in ws):
+            return None
+        w = _init(graph, f"{prefix}.qkv_proj.weight", np.concatenate(ws, axis=1))
+        node = _node("", "MatMul", [q_mm.inputs[0], w], name=f"{prefix}.qkv_proj/MatMul")
+    graph.insert_before(q_mm, node)
+    return node
+
+
+def fuse_for_ort_cpu(model, cfg, cos: np.ndarray, sin: np.ndarray, progress=print) -> None:
+    """GroupQueryAttention (+ fused QKV) per layer and SkipSimplifiedLayerNormalization."""
+    import onnx_ir as ir
+
+    if cos.shape[1] * 2 != cfg.head_dim:
+        progress("onnx: partial rotary: GroupQueryAttention fusion skipped (portable attention kept)")
+        return
+    g = model.graph
+    inputs = {v.name: v for v in g.inputs}
+    outputs = {v.name: v for v in g.outputs}
+    first = next(iter(g))
+    one = _init(g, "gqa.one", np.array(1, np.int64))
+    nm1 = _node("", "Sub", [inputs["n_valid"], one], name="gqa/seqlens")
+    seqlens_i64 = nm1.outputs[0]
+    cast1 = _node("", "Cast", [seqlens_i64], attributes={"to": ir.DataType.INT32}, name="gqa/seqlens_i32")
+    shape1 = _init(g, "gqa.shape1", np.array([1], np.int64))
+    rs = _node("", "Reshape", [cast1.outputs[0], shape1], name="gqa/seqlens_k")
+    total = _node("", "Cast", [inputs["n_valid"]], attributes={"to": ir.DataType.INT32}, name="gqa/total_len")
+    for n in (nm1, cast1, rs, total):
+        g.insert_before(first, n)
+    rs.outputs[0].name, total.outputs[0].name = "seqlens_k", "total_seq_len"
+    cos_v, sin_v = _init(g, "rope.cos_cache", cos.astype(np.float32)), _init(g, "rope.sin_cache", sin.astype(np.float32))
+    fused = 0
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}.self_attn"
+        q_mm, q = _linear_output(g, f"{p}.q_proj")
+        k_mm, k = _linear_output(g, f"{p}.k_proj")
+        v_mm, v = _linear_output(g, f"{p}.v_proj")
+        o_mm, _ = _linear_output(g, f"{p}.o_proj")
+        if None in (q_mm, k_mm, v_mm, o_mm):
+            raise RuntimeError(f"ONNX fusion: projections of {p} not found in the traced graph")
+        gqa_in = [q, k, v]
+        if q is q_mm.outputs[0] and k is k_mm.outputs[0] and v is v_mm.outputs[0] \
+                and q_mm.inputs[0] is k_mm.inputs[0] is v_mm.inputs[0]:
+            qkv = _fuse_qkv(g, q_mm, k_mm, v_mm, p)
+            if qkv is not None:
+                gqa_in = [qkv.outputs[0], None, None]
+        attrs = {"num_heads": cfg.n_heads, "kv_num_heads": cfg.n_kv_heads, "do_rotary": 1,
+                 "rotary_interleaved": 0, "scale": 1.0 / math.sqrt(cfg.head_dim)}
+        node = _node(MS, "GroupQueryAttention",
+                       gqa_in + [inputs[f"past_key_{i}"], inputs[f"past_value_{i}"], rs.outputs[0],
+                                 total.outputs[0], cos_v, sin_v],
+                       attributes=attrs, num_outputs=3, name=f"{p}/GroupQueryAttention")
+        g.insert_before(o_mm, node)
+        o_mm.replace_input_with(0, node.outputs[0])
+        for j, kind in ((1, "key"), (2, "value")):
+            _replace_value(outputs[f"present_{kind}_{i}"], node.outputs[j])
+        fused += 1
+    _remove_unused(model)
+    skip = 0
+    for node in list(g):
+        if node.op_type != "RMSNormalization":
+            continue
+        x, gamma = node.inputs[0], node.inputs[1]
+        eps = node.attributes["epsilon"].value if "epsilon" in node.attributes else 1e-5
+        add = x.producer()
+        if add is not None and add.op_type == "Add" and all(_const_array(a) is None for a in add.inputs):
+            new = _node(MS, "SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], gamma],
+                          attributes={"epsilon": float(eps)}, num_outputs=4, name=f"{node.name}/Skip")
+            g.insert_before(node, new)
+            _replace(g, node, new, [(node.outputs[0], new.outputs[0])])
+            _replace_value(add.outputs[0], new.outputs[3])
+            skip += 1
+    _remove_unused(model)
+    _topological_sort(model)
+    progress(f"onnx: {fused} GroupQueryAttention, {skip} SkipSimplifiedLayerNormalization")
+
+
+def _replace_value(old, new) -> None:
+    """``new`` takes over old's uses, name, type and shape (it computes the same tensor)."""
+    name = old.name
+    new.type = new.type or old.type
+    new.shape = new.shape or old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
+
+
+def _topological_sort(model) -> None:
+    from onnx_ir.passes.common import TopologicalSortPass
+
+    TopologicalSortPass()(model)
+
+
+# --------------------------------------------------------------------------- lower
+
+def lower(job) -> Path:
+    variant = job.variant or DEFAULT_VARIANT
+    if variant not in VARIANTS:
+        raise ValueError(f"ONNX variant {variant!r} is not known; valid: {', '.join(VARIANTS)}")
+    model = job.decoder(TRACE_OPTIONS)
+    cfg = model.config
+    t0 = time.time()
+    job.progress(f"onnx: tracing {job.loaded.recipe.name} ({cfg.n_layers} layers, cache {cfg.max_seq_len})")
+    onnx_model = trace(model)
+    job.progress(f"onnx: traced in {time.time() - t0:.1f}s")
+    cos, sin = model.rope_cos.numpy(), model.rope_sin.numpy()
+    del model
+    if job.quant is not None:
+        apply_int4(onnx_model, job.quant, cfg, job.progress)
+    if variant == "fast":
+        fuse_for_ort_cpu(onnx_model, cfg, cos, sin, job.progress)
+    onnx_model.producer_name = "edgellm"
+    if any(n.domain == MS for n in onnx_model.graph):
+        onnx_model.opset_imports[MS] = 1
+    weight_bytes = sum(v.const_value.nbytes for v in onnx_model.graph.initializers.values()
+                       if v.const_value is not None)
+    external = weight_bytes >= EXTERNAL_DATA_ABOVE
+    with job.writer() as w:
+        save(onnx_model, w.path(MODEL_FILE), external)
+        check(w.path(MODEL_FILE))
+        try:
+            job.write_tokenizer(w)
+        except ImportError as e:  # the shared tokenizer module is not there yet
+            job.progress(f"onnx: tokenizer not written ({e})")
+        in_names, out_names = io_names(cfg.n_layers)
+        ops = sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in onnx_model.graph})
+        manifest = job.manifest(MODEL_FILE, TRACE_OPTIONS, onnx={
+            "opset": OPSET, "variant": variant, "inputs": in_names, "outputs": out_names,
+            "external_data": DATA_FILE if external else None,
+            "matmulnbits_accuracy_level": STORED_ACCURACY_LEVEL if job.quant is not None else None,
+            "cache_shape": [1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim], "ops": ops})
+        return w.commit(manifest)
+
+
+def save(model, path: Path, external: bool) -> None:
+    import onnx_ir as ir
+
+    if external:
+        ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+    else:
+        ir.save(model, path)
+
+
+def check(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=False)

@@ -1,0 +1,83 @@
+"""ExecuTorch ``.pte`` as a Backend, run by the wheel's pybindings (XNNPACK delegate inside).
+
+The program has one method ``forward(tokens[1, T], input_pos[T]) -> logits[1, T, vocab]``
+whose KV cache lives in mutable buffers inside the loaded program, so this class only keeps
+the position; ``CachedBackend`` refuses writes past the capacity before the program sees them.
+"""
+
+from __future__ import annotations
+
+import os
+
+# torch's OpenMP workers spin against XNNPACK's threadpool (2-thread decode 231 -> 81 tok/s);
+# effective only if torch is not imported yet -- set it in the environment of the process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from runtime.backend import CachedBackend  # noqa: E402
+
+
+def set_threads(n: int) -> None:
+    """Size XNNPACK's (process-wide) threadpool."""
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    if _threadpool_get_thread_count() != n:
+        _unsafe_reset_threadpool(n)
+
+
+def load_program(pte: Path, custom_ops: bool):
+    """Register the kernels the program may need, then load it."""
+    import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_4bit)
+
+    if custom_ops:
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::update_cache, custom_sdpa)
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    return _load_for_executorch(str(pte))
+
+
+class ExecuTorchBackend(CachedBackend):
+    def __init__(self, pte: Path, tokenizer, max_seq_len: int, vocab_size: int, name: str = "executorch",
+                 threads: int | None = None, custom_ops: bool = False):
+        self.pte = Path(pte)
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
+        self.name = name
+        self.threads = threads
+        if threads:
+            set_threads(threads)
+        self.program = load_program(self.pte, custom_ops)
+        self.pos = 0
+
+    def _forward(self, ids: list[int], start: int) -> np.ndarray:
+        if self.threads:
+            set_threads(self.threads)
+        tokens = torch.tensor([ids], dtype=torch.long)
+        pos = torch.arange(start, start + len(ids), dtype=torch.long)
+        return self.program.forward((tokens, pos))[0][0].numpy()
+
+    def _reset(self) -> None:
+        """Nothing to clear: every slot at or after the new position is masked (portable) or not
+        read (custom_sdpa reads 0..pos) until it has been rewritten."""
+
+    @classmethod
+    def from_artifact(cls, directory: Path, manifest: dict[str, Any], threads: int | None = None,
+                      **kw) -> "ExecuTorchBackend":
+        from runtime.tokenizer import Tokenizer
+
+        directory = Path(directory)
+        et = manifest.get("executorch", {})
+        tokenizer = kw.pop("tokenizer", None) or Tokenizer.load(directory)
+        if kw:
+            raise TypeError(f"unknown ExecuTorch backend option(s): {', '.join(kw)}; valid: threads, tokenizer")
+        return cls(directory / manifest["artifact"], tokenizer, int(manifest["max_seq_len"]),
+                   int(manifest["vocab_size"]), name=manifest.get("name", "executorch"), threads=threads,
+                   custom_ops=bool(et.get("custom_ops")))

@@ -1,0 +1,132 @@
+"""ONNX Runtime (CPU) as a Backend for ``export.to_onnx`` artifacts.
+
+The KV cache is one float32 buffer per past/present pair, allocated once; with IOBinding
+each ``present_i`` output is bound to the same memory as ``past_i``, so the in-graph cache
+write (ScatterElements, or GroupQueryAttention's shared buffer) updates it in place and no
+cache is copied between calls.
+
+``accuracy_level`` selects MatMulNBits' compute mode at load time: the artifact stores 4
+(activations quantized to int8 per block -- the fast path); 0 or 1 computes with exactly
+dequantized float weights (parity mode). It is a node attribute, so the graph is rewritten in
+memory before the session is created (the weights themselves are untouched).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.backend import CachedBackend
+
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+def _session_source(model_path: Path, manifest: dict[str, Any], accuracy_level: int | None):
+    """The model for InferenceSession: the file as is, or (another accuracy level) a rewritten copy.
+
+    Returns (path-or-bytes, keepalive) -- keepalive holds a temp directory while the session lives.
+    """
+    stored = manifest.get("onnx", {}).get("matmulnbits_accuracy_level")
+    if accuracy_level is None or stored is None or accuracy_level == stored:
+        return str(model_path), None
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS} (0/1 exact dequantized float, 4 int8 "
+                         f"activations), got {accuracy_level!r}")
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = int(accuracy_level)
+    data = manifest.get("onnx", {}).get("external_data")
+    if not data:
+        return model.SerializeToString(), None
+    # External weights are found relative to the model file: a rewritten graph in a temp dir
+    # next to a symlink of the (unchanged) weight file.
+    tmp = tempfile.TemporaryDirectory(prefix="edgellm-onnx-")
+    (Path(tmp.name) / data).symlink_to((model_path.parent / data).resolve())
+    out = Path(tmp.name) / model_path.name
+    onnx.save(model, str(out))
+    return str(out), tmp
+
+
+class OnnxBackend(CachedBackend):
+    def __init__(self, model_path: Path, manifest: dict[str, Any], tokenizer=None, threads: int | None = None,
+                 accuracy_level: int | None = None, name: str | None = None):
+        import onnxruntime as ort
+
+        io = manifest.get("onnx") or {}
+        if not io.get("inputs") or not io.get("cache_shape"):
+            raise ValueError(f"{model_path.parent}: manifest has no 'onnx' section (inputs, cache_shape); "
+                             f"re-export it with python -m export --target onnx")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        src, self._keepalive = _session_source(model_path, manifest, accuracy_level)
+        self.session = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        self.tokenizer = tokenizer
+        self.max_seq_len = int(manifest["max_seq_len"])
+        self.vocab_size = int(manifest["vocab_size"])
+        self.threads = threads
+        self.accuracy_level = accuracy_level if accuracy_level is not None else io.get("matmulnbits_accuracy_level")
+        level = f":acc{self.accuracy_level}" if self.accuracy_level is not None else ""
+        self.name = name or f"onnx:{manifest.get('name', model_path.parent.name)}{level}"
+        self.pos = 0
+        self._past = [n for n in io["inputs"] if n.startswith("past_")]
+        self._present = [n for n in io["outputs"] if n.startswith("present_")]
+        self._cache = [np.zeros(io["cache_shape"], np.float32) for _ in self._past]
+        cache_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._cache]
+        # One-token steps write their logits into a buffer of ours; longer calls let ORT allocate.
+        self._step_logits = np.zeros((1, 1, self.vocab_size), np.float32)
+        self._step_value = ort.OrtValue.ortvalue_from_numpy(self._step_logits)
+        self._binding = b = self.session.io_binding()
+        b.bind_ortvalue_output("logits", self._step_value)  # first: get_outputs() follows binding order
+        for past, present, value in zip(self._past, self._present, cache_values):
+            b.bind_ortvalue_input(past, value)
+            b.bind_ortvalue_output(present, value)  # in place: present_i is past_i's memory
+        self._cache_values = cache_values
+        self._step_bound = True
+
+    def _forward(self, ids: list[int], start: int) -> np.ndarray:
+        T = len(ids)
+        b = self._binding
+        b.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        b.bind_cpu_input("position_ids", np.arange(start, start + T, dtype=np.int64))
+        b.bind_cpu_input("n_valid", np.asarray(start + T, dtype=np.int64))
+        if T == 1:
+            if not self._step_bound:  # rebinding a name keeps its place in the output order
+                b.bind_ortvalue_output("logits", self._step_value)
+                self._step_bound = True
+            self.session.run_with_iobinding(b)
+            return self._step_logits[0].copy()
+        b.bind_output("logits", "cpu")
+        self._step_bound = False
+        self.session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()[0]
+
+    def _reset(self) -> None:
+        # Slots past n_valid are never read; zeroing keeps a reset backend bit-for-bit fresh.
+        for a in self._cache:
+            a.fill(0.0)
+
+    @classmethod
+    def from_artifact(cls, directory: Path, manifest: dict[str, Any], threads: int | None = None,
+                      accuracy_level: int | None = None, tokenizer=None, **kw) -> "OnnxBackend":
+        directory = Path(directory)
+        if tokenizer is None:
+            try:
+                from runtime.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.load(directory)
+            except (ImportError, FileNotFoundError):
+                tokenizer = None
+        return cls(directory / manifest["artifact"], manifest, tokenizer, threads=threads,
+                   accuracy_level=accuracy_level, **kw)

