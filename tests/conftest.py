@@ -81,8 +81,10 @@ def export_artifact(artifacts_dir, request):
                 loaded = model
                 q = quantization or (quantize_for(loaded, "int4", progress=lambda s: None) if quant == "int4" else None)
             q = q if quant == "int4" else None
+            # Models built by a test share the tiny recipe's name: give each its own folder.
+            out_root = artifacts_dir if isinstance(model, str) else artifacts_dir / f"model-{id(model)}"
             out = run_export([target], loaded=loaded, quantization=q, quant=quant, variant=variant,
-                             out=artifacts_dir, progress=lambda s: None)
+                             out=out_root, progress=lambda s: None)
             cache[key] = out[target]
         return cache[key]
 
