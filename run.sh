@@ -37,7 +37,9 @@ case "${1:-}" in
     OUT=${OUT:-out}
     "$VENV/bin/python" -m export --target all --out "$OUT"
     mapfile -t ARTS < <(ls -d "$OUT"/smollm2-135m-*-int4* 2>/dev/null)
-    "$VENV/bin/python" -m runtime generate "${ARTS[0]}" --prompt "The capital of France is" --max-new-tokens 24
+    GEN=$(ls -d "$OUT"/smollm2-135m-executorch-int4* 2>/dev/null | head -1)
+    "$VENV/bin/python" -m runtime generate "${GEN:-${ARTS[0]}}" --prompt "What is the capital of France?" \
+      --chat --max-new-tokens 24
     "$VENV/bin/python" -m runtime parity "${ARTS[@]}" --json "$OUT/parity.json" --plot "$OUT/parity.png"
     ;;
   test)
