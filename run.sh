@@ -40,7 +40,10 @@ case "${1:-}" in
     GEN=$(ls -d "$OUT"/smollm2-135m-executorch-int4* 2>/dev/null | head -1)
     "$VENV/bin/python" -m runtime generate "${GEN:-${ARTS[0]}}" --prompt "What is the capital of France?" \
       --chat --max-new-tokens 24
-    "$VENV/bin/python" -m runtime parity "${ARTS[@]}" --json "$OUT/parity.json" --plot "$OUT/parity.png"
+    # The table is the result: rows outside the bounds are listed under it, and the demo still
+    # finishes so a newcomer sees every artifact's figures.
+    "$VENV/bin/python" -m runtime parity "${ARTS[@]}" --json "$OUT/parity.json" --plot "$OUT/parity.png" \
+      || echo "==> parity: some artifacts are outside the default bounds (listed above); see README limitations"
     ;;
   test)
     setup
