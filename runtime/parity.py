@@ -195,10 +195,11 @@ def run_parity(candidates: dict[str, Backend], reference: Backend, *, prompts=DE
     greedy continuation (``steps`` tokens), free-running greedy, and perplexity on ``text``."""
     tok = reference.tokenizer
     prompt_ids = [tok.encode(p) for p in prompts]
-    forced = []
+    forced = []  # (ids, prompt_len, reference logits, reference greedy tokens): computed once
     for ids in prompt_ids:
         cont = greedy_tokens(reference, ids, steps)
-        forced.append((ids + cont, len(ids)))
+        full = ids + cont
+        forced.append((full, len(ids), _all_logits(reference, full, len(ids)), cont))
     text_ids = None
     ppl_ref = None
     if text:
@@ -211,10 +212,11 @@ def run_parity(candidates: dict[str, Backend], reference: Backend, *, prompts=DE
         t = time.time()
         stats = None
         common = total = 0
-        for (ids, plen), p in zip(forced, prompt_ids):
-            s = teacher_forced(cand, reference, ids, plen)
+        for (ids, plen, ref_logits, ref_greedy), p in zip(forced, prompt_ids):
+            s = compare_logits(_all_logits(cand, ids, plen), ref_logits)
             stats = s if stats is None else stats.extend(s)
-            c, _, _ = greedy_prefix(cand, reference, p, steps)
+            mine = greedy_tokens(cand, p, steps)
+            c = next((i for i, (a, b) in enumerate(zip(mine, ref_greedy)) if a != b), steps)
             common, total = common + c, total + steps
         ppl_c = perplexity(cand, text_ids) if text_ids else None
         rows.append(ParityRow(name, len(stats.rel), stats.max_abs_all, stats.max_rel, stats.top1_rate,
