@@ -18,7 +18,8 @@ DEFAULT_BOUNDS = {"top1": 0.99, "mean_kl": 1e-3, "ppl_ratio": 0.02}
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False)
+    # Wide enough for the parity table when the output is a file or a CI log.
+    return Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _backend(spec: str, args) -> "runtime.Backend":
