@@ -118,7 +118,8 @@ def _concat(a):
     if any(v.ndim == 0 for v in vals):
         vals = [np.atleast_1d(v) for v in vals]
     if a.get("interleave"):
-        raise NotImplementedError("concat(interleave=True)")
+        raise NotImplementedError("MIL interpreter: concat with interleave=True has no kernel "
+                                  "(edgellm's converted programs do not emit it)")
     return np.concatenate(vals, axis=int(a["axis"]))
 
 
