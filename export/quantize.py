@@ -9,8 +9,10 @@ torchao's convention), to 4-bit codes with one scale per group:
   MatMulNBits and Core ML): codes in [0, 15], an integer zero point in [0, 15] per group,
   ``w ≈ (codes - zero_point) * scale``.
 
-Every scale is exactly representable in fp16 (rounded to fp16, stored as fp32), so fp16
-targets (Core ML) carry bit-identical scales, and ``QuantizedWeight.dequantize`` is torchao's
+Every scale lies on the grid shared by bf16 and fp16 (8 significant bits, fp16's normal range;
+stored as fp32): XNNPACK stores blockwise scales as bf16 and Core ML as fp16, so with this grid
+every target carries bit-identical scales (an fp16-only scale would be rounded a second time by
+ExecuTorch's lowering, ~0.2 % per group, which alone cost 9 points of top-1 agreement), and ``QuantizedWeight.dequantize`` is torchao's
 ``dequantize_affine`` — the reference weights every target is compared against.
 
 Scale choice (``scale_search: true``, the default): per group, a grid of candidate scales
@@ -48,22 +50,23 @@ from export.recipes import QuantConfig
 
 SYM_QMIN, SYM_QMAX = -8, 7
 ASYM_QMIN, ASYM_QMAX = 0, 15
-FP16_MAX = 65504.0
-FP16_TINY = 2.0 ** -14  # smallest normal fp16: scales never go below it (nor to 0)
+SCALE_MAX = 65280.0  # largest value exact in both bf16 and fp16
+SCALE_TINY = 2.0 ** -14  # smallest normal fp16: scales never go below it (nor to 0)
 
 LINEAR_RE = re.compile(r"^layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
 _CHUNK_ELEMS = 1 << 21  # groups are processed in chunks of ~2M weights (cache friendly, bounded memory)
 
 
-def _fp16(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest fp16 value (clamped to the normal fp16 range), returned as fp32."""
-    return x.clamp(FP16_TINY, FP16_MAX).to(torch.float16).to(torch.float32)
+def _scale_grid(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest value exact in both bf16 and fp16 (bf16 rounding inside fp16's normal
+    range), returned as fp32."""
+    return x.clamp(SCALE_TINY, SCALE_MAX).to(torch.bfloat16).to(torch.float32)
 
 
 @dataclass
 class QuantizedWeight:
     codes: torch.Tensor  # int8 [rows, cols]; symmetric [-8, 7], asymmetric [0, 15]
-    scales: torch.Tensor  # float32 [rows, cols // group_size], fp16-representable
+    scales: torch.Tensor  # float32 [rows, cols // group_size], exact in bf16 and fp16
     zero_points: torch.Tensor | None  # int8 [rows, cols // group_size] (asymmetric) or None
     group_size: int
 
@@ -129,7 +132,7 @@ class Quantization:
             "embedding_bits": c.embedding_bits,
             "method": "scale-search" if c.scale_search else "max-abs-rtn",
             "quant_range": [SYM_QMIN, SYM_QMAX] if c.symmetric else [ASYM_QMIN, ASYM_QMAX],
-            "scale_dtype": "float16",
+            "scale_grid": "exact-in-bf16-and-fp16",  # every scale exact in both (see module docstring)
             "n_tensors": len(self.unique()),
             "names": sorted(self.weights),
             "bytes": n_bytes,
@@ -157,13 +160,13 @@ def _q_asym(G, s, z):
 
 def _rtn_sym(G):
     amax = G.abs().amax(1, keepdim=True)
-    return _fp16(amax / ((SYM_QMAX - SYM_QMIN) / 2))  # torchao SYMMETRIC: max|w| / 7.5
+    return _scale_grid(amax / ((SYM_QMAX - SYM_QMIN) / 2))  # torchao SYMMETRIC: max|w| / 7.5
 
 
 def _rtn_asym(G):
     lo = G.amin(1, keepdim=True).clamp(max=0)
     hi = G.amax(1, keepdim=True).clamp(min=0)
-    s = _fp16((hi - lo) / (ASYM_QMAX - ASYM_QMIN))
+    s = _scale_grid((hi - lo) / (ASYM_QMAX - ASYM_QMIN))
     z = torch.clamp(ASYM_QMIN - torch.round(lo / s), ASYM_QMIN, ASYM_QMAX)
     return s, z
 
@@ -178,7 +181,7 @@ def _search_sym(G, W):
     e_best = _err(G, _q_sym(G, s_best), s_best, None, W)
     amax = G.abs().amax(1, keepdim=True)
     for a in SYM_DIVISORS:
-        s = _fp16(amax / a)
+        s = _scale_grid(amax / a)
         e = _err(G, _q_sym(G, s), s, None, W)
         better = e < e_best
         s_best, e_best = torch.where(better, s, s_best), torch.where(better, e, e_best)
@@ -186,7 +189,7 @@ def _search_sym(G, W):
         q = _q_sym(G, s_best)
         qw = q * W if W is not None else q
         num, den = (qw * G).sum(1, keepdim=True), (qw * q).sum(1, keepdim=True)
-        s = _fp16(torch.where(den > 0, num / den.clamp_min(1e-30), s_best))
+        s = _scale_grid(torch.where(den > 0, num / den.clamp_min(1e-30), s_best))
         e = _err(G, _q_sym(G, s), s, None, W)
         better = e < e_best
         s_best, e_best = torch.where(better, s, s_best), torch.where(better, e, e_best)
@@ -199,7 +202,7 @@ def _search_asym(G, W):
     lo, hi = G.amin(1, keepdim=True), G.amax(1, keepdim=True)
     mid = (lo + hi) / 2
     for f in ASYM_SHRINK:
-        s = _fp16((hi - lo) * f / (ASYM_QMAX - ASYM_QMIN))
+        s = _scale_grid((hi - lo) * f / (ASYM_QMAX - ASYM_QMIN))
         for shift in (0.0,):  # range centred on the group
             lo_c = mid - s * (ASYM_QMAX - ASYM_QMIN) / 2 + shift * s
             z = torch.clamp(ASYM_QMIN - torch.round(lo_c / s), ASYM_QMIN, ASYM_QMAX)
@@ -212,7 +215,7 @@ def _search_asym(G, W):
         q = _q_asym(G, s_best, z_best) - z_best
         qw = q * W if W is not None else q
         num, den = (qw * G).sum(1, keepdim=True), (qw * q).sum(1, keepdim=True)
-        s = _fp16(torch.where(den > 0, num / den.clamp_min(1e-30), s_best))
+        s = _scale_grid(torch.where(den > 0, num / den.clamp_min(1e-30), s_best))
         for dz in (0.0, -1.0, 1.0):
             z = torch.clamp(z_best + dz, ASYM_QMIN, ASYM_QMAX)
             e = _err(G, _q_asym(G, s, z), s, z, W)
@@ -285,12 +288,12 @@ def rtn_torchao(w: torch.Tensor, group_size: int, symmetric: bool = True) -> Qua
     block = (1, group_size)
     if symmetric:
         s, _ = choose_qparams_affine(w, MappingType.SYMMETRIC, block, torch.int8, SYM_QMIN, SYM_QMAX)
-        s = _fp16(s)
+        s = _scale_grid(s)
         codes = quantize_affine(w, block, s, torch.zeros_like(s, dtype=torch.int8), torch.int8, SYM_QMIN, SYM_QMAX)
         return QuantizedWeight(codes, s, None, group_size)
     s, z = choose_qparams_affine(w, MappingType.ASYMMETRIC, block, torch.int8, ASYM_QMIN, ASYM_QMAX,
                                  zero_point_dtype=torch.int8)
-    s = _fp16(s)
+    s = _scale_grid(s)
     return QuantizedWeight(quantize_affine(w, block, s, z, torch.int8, ASYM_QMIN, ASYM_QMAX), s, z, group_size)
 
 
@@ -349,26 +352,64 @@ def quantize(state: dict[str, torch.Tensor], qcfg: QuantConfig, tied: bool) -> Q
 # The reference model
 
 
-def _act_fake_quant_hook(module, args):
-    """int8 per-token asymmetric fake quantization of a Linear's input (torchao 8da4w)."""
+# The int8 dynamic activation arithmetic each runtime applies in front of its int4 linears; the
+# reference model can carry it, so that a parity run measures what the artifact adds on top.
+ACTIVATION_SCHEMES = {
+    "int8-token-asym": "int8 per token, asymmetric (torchao 8da4w = XNNPACK qd8, ExecuTorch)",
+    "int8-block-sym": "int8 per block of group_size inputs, symmetric max|x|/127 "
+                      "(ONNX Runtime MatMulNBits accuracy_level 4)",
+}
+
+
+def _token_asym(x: torch.Tensor) -> torch.Tensor:
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         _apply_int8_act_asym_per_token_quant_dequant,
     )
 
-    (x, *rest) = args
-    return (_apply_int8_act_asym_per_token_quant_dequant(x), *rest)
+    return _apply_int8_act_asym_per_token_quant_dequant(x)
 
 
-def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
-    """What 8da4w does to a Linear's input: int8, per token, asymmetric, quantize→dequantize."""
-    return _act_fake_quant_hook(None, (x,))[0]
+def _block_sym(x: torch.Tensor, block: int) -> torch.Tensor:
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    scale = xb.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(scale > 0, torch.round(xb / scale.clamp_min(1e-30)), torch.zeros_like(xb))
+    return (q * scale).reshape(x.shape)
+
+
+def fake_quantize_activation(x: torch.Tensor, scheme: str = "int8-token-asym", block: int = 32) -> torch.Tensor:
+    """quantize→dequantize a Linear's input the way ``scheme`` (see ACTIVATION_SCHEMES) does."""
+    if scheme == "int8-token-asym":
+        return _token_asym(x)
+    if scheme == "int8-block-sym":
+        return _block_sym(x, block)
+    raise ValueError(f"unknown activation scheme {scheme!r}; valid: {', '.join(ACTIVATION_SCHEMES)}")
+
+
+def _activation_hook(scheme: str, block: int):
+    def hook(module, args):
+        (x, *rest) = args
+        return (fake_quantize_activation(x, scheme, block), *rest)
+
+    return hook
+
+
+def activation_scheme(dynamic_activations: bool | str | None) -> str | None:
+    """``True`` (8da4w, the historical spelling) / a scheme name / falsy -> scheme name or None."""
+    if not dynamic_activations:
+        return None
+    scheme = "int8-token-asym" if dynamic_activations is True else dynamic_activations
+    if scheme not in ACTIVATION_SCHEMES:
+        raise ValueError(f"unknown activation scheme {scheme!r}; valid: {', '.join(ACTIVATION_SCHEMES)}")
+    return scheme
 
 
 @torch.no_grad()
-def apply_reference(model: nn.Module, quant: Quantization, dynamic_activations: bool = False) -> nn.Module:
-    """In place: every quantized weight := its dequantization (tying kept); optionally add 8da4w
-    int8 dynamic activation fake-quant as forward pre-hooks on the quantized Linears (parameter
-    names unchanged). Returns the model."""
+def apply_reference(model: nn.Module, quant: Quantization, dynamic_activations: bool | str = False) -> nn.Module:
+    """In place: every quantized weight := its dequantization (tying kept); optionally add a
+    runtime's int8 dynamic activation fake-quant (``True`` = 8da4w, or a name from
+    ACTIVATION_SCHEMES) as forward pre-hooks on the quantized Linears (parameter names
+    unchanged). Returns the model."""
+    scheme = activation_scheme(dynamic_activations)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     done: dict[int, torch.Tensor] = {}
@@ -381,9 +422,9 @@ def apply_reference(model: nn.Module, quant: Quantization, dynamic_activations: 
         if id(qw) not in done:
             done[id(qw)] = qw.dequantize()
         p.data = done[id(qw)].to(p.dtype)  # tied parameters are one object: set once, seen twice
-        if dynamic_activations:
+        if scheme:
             mod = modules[name.rsplit(".", 1)[0] if "." in name else ""]
             if isinstance(mod, nn.Linear) and not getattr(mod, "_edgellm_act_quant", False):
-                mod.register_forward_pre_hook(_act_fake_quant_hook)
+                mod.register_forward_pre_hook(_activation_hook(scheme, qw.group_size))
                 mod._edgellm_act_quant = True
     return model

@@ -58,6 +58,9 @@ def intx_tensor(qw, dynamic_activations: bool):
     if int(codes.min()) < -8 or int(codes.max()) > 7:
         raise ValueError(f"int4 codes outside [-8, 7] (got [{int(codes.min())}, {int(codes.max())}])")
     scales = qw.scales.to(torch.float32)
+    if not torch.equal(scales.to(torch.bfloat16).to(torch.float32), scales):
+        raise ValueError("int4 scales are not exact in bf16, which XNNPACK stores them as: the lowering would "
+                         "round them a second time (quantize with export.quantize, whose scales are)")
     act = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if dynamic_activations else None
     return IntxUnpackedToInt8Tensor(codes, scales, torch.zeros(scales.shape, dtype=torch.int8), torch.int4,
                                     (1, qw.group_size), torch.float32, act)

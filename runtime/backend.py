@@ -52,6 +52,10 @@ class CachedBackend:
     tokenizer: Any = None
     max_seq_len: int = 0
     pos: int = 0
+    # The int8 dynamic activation quantization this runtime applies in front of its int4
+    # linears (a name from export.quantize.ACTIVATION_SCHEMES), or None: parity builds its
+    # eager reference with the same arithmetic so that it measures what the artifact adds.
+    activation_quantization: str | None = None
 
     def _forward(self, ids: list[int], start: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -8,6 +8,7 @@ and, for int4, the same shared quantization).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +44,42 @@ class EagerBackend(CachedBackend):
     def _max_chunk(self) -> int:
         return self.max_seq_len
 
+    @contextmanager
+    def perturbed(self, eps: float = 1e-7, seed: int = 0):
+        """Within the block, every embedding output is multiplied by (1 + eps * N(0, 1)): a
+        float-rounding-sized change. A reference carrying int8 dynamic activations flips some
+        rounding decisions under it, and the flips cascade through the layers; how far the
+        reference then moves from itself is the noise floor of any comparison against it."""
+        g = torch.Generator().manual_seed(seed)
+        handle = self.model.embed_tokens.register_forward_hook(
+            lambda m, i, out: out * (1 + eps * torch.randn(out.shape, generator=g)))
+        try:
+            yield self
+        finally:
+            handle.remove()
+
     @classmethod
-    def from_loaded(cls, loaded, int4: bool = False, quantization=None, dynamic_activations: bool = False,
+    def from_loaded(cls, loaded, int4: bool = False, quantization=None, dynamic_activations: bool | str = False,
                     options=None, tokenizer=None, threads: int | None = None) -> "EagerBackend":
         model = loaded.decoder(options)
+        from export.quantize import activation_scheme
+
         label = "fp32"
+        quant = None
         if int4:
             from export.pipeline import quantize_for
             from export.quantize import apply_reference
 
             quant = quantization or quantize_for(loaded, "int4", progress=lambda s: None)
             apply_reference(model, quant, dynamic_activations=dynamic_activations)
-            label = "int4" + ("-8da" if dynamic_activations else "")
+            scheme = activation_scheme(dynamic_activations)
+            label = "int4" + (f"+{scheme}" if scheme else "")
         if tokenizer is None:
             tokenizer = loaded.tokenizer()
-        return cls(model, tokenizer, name=f"eager:{loaded.recipe.name}:{label}", threads=threads)
+        backend = cls(model, tokenizer, name=f"eager:{loaded.recipe.name}:{label}", threads=threads)
+        backend.quantization = quant  # reusable for a second reference (e.g. other activation arithmetic)
+        backend.activation_quantization = activation_scheme(dynamic_activations) if int4 else None
+        return backend
 
     @classmethod
     def from_spec(cls, what: str | None, int4: bool = False, max_seq_len: int | None = None,

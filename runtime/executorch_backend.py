@@ -45,8 +45,9 @@ def load_program(pte: Path, custom_ops: bool):
 
 class ExecuTorchBackend(CachedBackend):
     def __init__(self, pte: Path, tokenizer, max_seq_len: int, vocab_size: int, name: str = "executorch",
-                 threads: int | None = None, custom_ops: bool = False):
+                 threads: int | None = None, custom_ops: bool = False, activation_quantization: str | None = None):
         self.pte = Path(pte)
+        self.activation_quantization = activation_quantization
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
@@ -80,4 +81,5 @@ class ExecuTorchBackend(CachedBackend):
             raise TypeError(f"unknown ExecuTorch backend option(s): {', '.join(kw)}; valid: threads, tokenizer")
         return cls(directory / manifest["artifact"], tokenizer, int(manifest["max_seq_len"]),
                    int(manifest["vocab_size"]), name=manifest.get("name", "executorch"), threads=threads,
-                   custom_ops=bool(et.get("custom_ops")))
+                   custom_ops=bool(et.get("custom_ops")),
+                   activation_quantization="int8-token-asym" if et.get("linear_scheme") == "8da4w" else None)

@@ -76,9 +76,10 @@ def test_int4_random_weights_bounded(export_artifact, tiny, tiny_quant):
     ids = be.tokenizer.encode(PROMPT * 4)[:48]
     stats = parity.teacher_forced(be, ref, ids, 16)
     print(f"tiny int4: max_rel {stats.max_rel:.3e}, KL {stats.mean_kl:.2e}")
-    # XNNPACK's int8 activation quantization rounds a few values differently from torchao's
-    # reference; a wrong code, scale or group layout gives errors of the order of the logits.
-    assert stats.max_rel <= 5e-2
+    # Measured 5.7e-7 (1.3e-2 when XNNPACK re-rounded fp16 scales to bf16); a wrong code, scale or
+    # group layout gives errors of the order of the logits. Slack for an activation that rounds
+    # the other way at a .5 boundary.
+    assert stats.max_rel <= 1e-3
 
 
 def test_lowered_program_carries_shared_codes_and_scales(tiny, tiny_quant):
@@ -98,38 +99,82 @@ def test_lowered_program_carries_shared_codes_and_scales(tiny, tiny_quant):
         assert not zeros.any()
 
 
+def test_xnnpack_8da4w_linear_is_the_reference_arithmetic():
+    """One 8da4w Linear through XNNPACK equals the eager fake-quant reference to float rounding.
+
+    XNNPACK stores blockwise scales as bf16; scales off that grid were rounded a second time
+    inside the lowering (~0.2 % per group, 9 points of SmolLM2 top-1). This pins the contract."""
+    from executorch.runtime import Runtime
+    from torch import nn
+
+    from export.quantize import fake_quantize_activation, quantize_weight
+    from export.to_executorch import intx_tensor, lower_program
+
+    g = torch.Generator().manual_seed(0)
+    qw = quantize_weight(torch.randn(96, 128, generator=g) * 0.05, 32)
+    lin = nn.Linear(128, 96, bias=False)
+    lin.weight = nn.Parameter(intx_tensor(qw, dynamic_activations=True), requires_grad=False)
+    x = torch.randn(5, 128, generator=g) * 2
+    et, census = lower_program(torch.export.export(lin, (x,), strict=False), {})
+    assert census["delegates"] == 1 and not census["outside"], census
+    out = Runtime.get().load_program(et.buffer).load_method("forward").execute([x])[0]
+    ref = fake_quantize_activation(x) @ qw.dequantize().T
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    assert rel <= 1e-5, f"XNNPACK 8da4w differs from the reference arithmetic: {rel:.2e}"
+
+
+def test_scales_off_the_bf16_grid_are_refused():
+    from export.quantize import quantize_weight
+    from export.to_executorch import intx_tensor
+
+    qw = quantize_weight(torch.randn(8, 64), 32)
+    qw.scales = qw.scales * (1 + 2.0 ** -10)  # fp16-exact is not enough
+    with pytest.raises(ValueError, match="bf16"):
+        intx_tensor(qw, dynamic_activations=True)
+
+
 @pytest.fixture(scope="module")
 def smollm2_ref(smollm2, smollm2_quant):
     return EagerBackend.from_loaded(smollm2, int4=True, quantization=smollm2_quant, dynamic_activations=True)
 
 
-# SmolLM2 runs the portable flavour in CI (the one the native demo ships). The fast flavour is
-# covered by the fp32 GQA test above; its SmolLM2 int4 figures are not yet verified here.
-@pytest.mark.parametrize("variant", ["portable"])
-def test_smollm2_int4_agrees_with_eager_8da4w(export_artifact, smollm2_ref, heldout_text, variant):
+@pytest.fixture(scope="module")
+def smollm2_forced(smollm2_ref, heldout_text):
+    """Teacher-forced ids, the 8da4w reference's logits on them, and its noise floor."""
+    ids = smollm2_ref.tokenizer.encode(heldout_text)[:160]
+    ref_logits = parity.all_logits(smollm2_ref, ids, 32)
+    return ids, ref_logits, parity.noise_floor(smollm2_ref, ids, 32, ref_logits)
+
+
+@pytest.mark.parametrize("variant", ["portable", "fast"])
+def test_smollm2_int4_agrees_with_eager_8da4w(export_artifact, smollm2_ref, smollm2_forced, variant):
+    """Agreement with the eager model carrying the same codes, scales and 8da activations.
+
+    The issue's goal (top-1 >= 99 %, mean KL <= 1e-3) is below this reference's own noise
+    floor: perturbing its embeddings by 1e-7 (relative) moves it by top-1 ~88-93 %, KL ~5e-2,
+    because per-token int8 activations flip rounding decisions that cascade through 30
+    layers. Every Linear of the .pte matches the reference to 1e-6 on its own (see
+    test_xnnpack_8da4w_linear_is_the_reference_arithmetic); the artifact is held to the floor."""
     be = load(export_artifact("executorch", "smollm2", "int4", variant), threads=1)
     tok = be.tokenizer
-    ids = tok.encode(heldout_text)[:160]
-    stats = parity.teacher_forced(be, smollm2_ref, ids, 32)
+    ids, ref_logits, floor = smollm2_forced
+    stats = parity.compare_logits(parity.all_logits(be, ids, 32), ref_logits)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
                         allow_special=True)
     common, cand, want = parity.greedy_prefix(be, smollm2_ref, prompt, 32)
-    print(f"smollm2 int4 {variant}: top-1 {stats.top1_rate:.4f}, mean KL {stats.mean_kl:.2e}, "
+    print(f"smollm2 int4 {variant}: top-1 {stats.top1_rate:.4f}, mean KL {stats.mean_kl:.2e} "
+          f"(reference noise floor: top-1 {floor.top1_rate:.4f}, KL {floor.mean_kl:.2e}), "
           f"greedy {common}/32: {tok.decode(cand)!r}")
-    # GOAL (issue 4): top-1 >= 99 %, mean KL <= 1e-3, 32/32 greedy tokens. NOT MET: measured on
-    # this machine top-1 91.4 %, mean KL 5.3e-2, greedy 20/32 (perplexity still within 2 %, see
-    # below). XNNPACK's int8 dynamic activations differ from torchao's fake-quant reference more
-    # than expected; until that is found these bounds only catch regressions.
-    assert stats.top1_rate >= 0.85, stats.top1_rate
-    assert stats.mean_kl <= 0.1, stats.mean_kl
-    assert common >= 8, f"greedy diverges at {common}: {tok.decode(cand)!r} vs {tok.decode(want)!r}"
+    assert stats.top1_rate >= min(0.99, floor.top1_rate - 0.05), stats.top1_rate
+    assert stats.mean_kl <= max(1e-3, 2 * floor.mean_kl), stats.mean_kl
+    assert common >= 24, f"greedy diverges at {common}: {tok.decode(cand)!r} vs {tok.decode(want)!r}"
 
 
 def test_smollm2_int4_perplexity(export_artifact, smollm2, smollm2_ref, heldout_text):
     ids = smollm2_ref.tokenizer.encode(heldout_text)[:512]
     ref = parity.perplexity(smollm2_ref, ids)
     fp32 = parity.perplexity(EagerBackend.from_loaded(smollm2, tokenizer=smollm2_ref.tokenizer), ids)
-    for variant in ("portable",):
+    for variant in ("portable", "fast"):
         ppl = parity.perplexity(load(export_artifact("executorch", "smollm2", "int4", variant), threads=1), ids)
         print(f"perplexity ({len(ids) - 1} tokens): eager fp32 {fp32:.3f}, eager int4-8da {ref:.3f}, "
               f"executorch int4 {variant} {ppl:.3f} ({(ppl / ref - 1) * 100:+.2f}% vs eager int4)")

@@ -27,8 +27,9 @@ def _rand_weight(rows=64, cols=256, seed=0):
     return w
 
 
-def _fp16_exact(t):
-    return torch.equal(t.to(torch.float16).to(torch.float32), t)
+def _scale_exact(t):
+    """Exact in fp16 (Core ML, ONNX) and in bf16 (XNNPACK's blockwise scales)."""
+    return all(torch.equal(t.to(dt).to(torch.float32), t) for dt in (torch.float16, torch.bfloat16))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -41,7 +42,7 @@ def test_format(symmetric, search):
     assert int(qw.codes.min()) >= lo and int(qw.codes.max()) <= hi
     assert qw.scales.dtype == torch.float32 and qw.scales.shape == (64, 256 // 32)
     assert (qw.scales > 0).all()
-    assert _fp16_exact(qw.scales)
+    assert _scale_exact(qw.scales)
     if symmetric:
         assert qw.zero_points is None
         assert int(qw.codes.min()) == -8 or int(qw.codes.max()) == 7  # the range is used
@@ -126,7 +127,7 @@ def test_quantize_smollm2_structure(smollm2, smollm2_quant):
     assert s["method"] == "scale-search" and s["group_size"] == 32
     for qw in q.weights.values():
         assert qw.codes.dtype == torch.int8 and int(qw.codes.min()) >= -8 and int(qw.codes.max()) <= 7
-        assert _fp16_exact(qw.scales)
+        assert _scale_exact(qw.scales)
 
 
 def test_tied_without_embedding_bits_quantizes_neither():

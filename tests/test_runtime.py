@@ -72,3 +72,39 @@ def test_bad_sampling_values_are_rejected():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1)
+
+
+def test_parity_cli_gives_each_int4_artifact_a_reference_with_its_activation_arithmetic(export_artifact, tmp_path):
+    """``python -m runtime parity`` compares an ExecuTorch 8da4w .pte with eager int4 + per-token
+    int8 activations and an ONNX accuracy_level-4 model with eager int4 + per-block int8
+    activations; on those exact-arithmetic references both agree to float rounding."""
+    from runtime.__main__ import main
+
+    pte = export_artifact("executorch", "tiny", "int4", "portable")
+    onnx = export_artifact("onnx", "tiny", "int4")
+    out = tmp_path / "parity.json"
+    rc = main(["parity", str(pte), str(onnx), "--steps", "4", "--no-text", "--json", str(out), "--threads", "1"])
+    rows = {r["candidate"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[str(pte)]["reference"].endswith("int4+int8-token-asym"), rows[str(pte)]["reference"]
+    assert rows[str(onnx)]["reference"].endswith("int4+int8-block-sym"), rows[str(onnx)]["reference"]
+    for name, row in rows.items():  # most steps to float rounding (a rare int8 boundary flip aside)
+        median = float(np.median(row["per_step_rel"]))
+        assert median <= 1e-5 and row["max_rel"] <= 5e-2, f"{name}: {median:.2e}/{row['max_rel']:.2e} vs {row['reference']}"
+
+
+def test_noise_floor_of_a_float_reference_is_float_rounding(tiny_eager):
+    """Without activation quantization the decoder is smooth: a 1e-7 perturbation stays ~1e-7
+    (with int8 activations on a trained model it cascades; see the target tests' figures)."""
+    from runtime.parity import noise_floor
+
+    ids = tiny_eager.tokenizer.encode("We the People of the United States, in Order to form a more perfect Union")
+    floor = noise_floor(tiny_eager, ids, 4)
+    assert floor.top1_rate == 1.0 and floor.max_rel < 1e-5 and floor.mean_kl < 1e-9
+    assert noise_floor(object(), ids, 4) is None  # not an eager backend: no floor
+    tiny_eager.reset()
+    plain = tiny_eager.prefill(ids[:4])
+    with tiny_eager.perturbed(1e-2):
+        tiny_eager.reset()
+        moved = tiny_eager.prefill(ids[:4])
+    tiny_eager.reset()
+    assert np.abs(moved - plain).max() > 1e-4 and np.array_equal(tiny_eager.prefill(ids[:4]), plain)
