@@ -77,10 +77,15 @@ def smollm2_pair(smollm2_int4, smollm2, smollm2_quant):
     return _interp(smollm2_int4), _eager(smollm2, smollm2_quant)
 
 
-def test_smollm2_int4_parity_and_greedy(smollm2_pair, smollm2):
+@pytest.mark.parametrize("quant", ["int4", "none"])
+def test_smollm2_parity_and_greedy(quant, request, export_artifact, smollm2):
     """Prefill + 32 decode steps along the reference's greedy path: every step's argmax agreeing
-    means the candidate's own greedy decoding reproduces the reference's tokens exactly."""
-    cand, ref = smollm2_pair
+    means the candidate's own greedy decoding reproduces the reference's tokens exactly. int4:
+    vs the eager int4 reference; none: the fp16 package (unquantized) vs eager fp32."""
+    if quant == "int4":
+        cand, ref = request.getfixturevalue("smollm2_pair")
+    else:
+        cand, ref = _interp(export_artifact("coreml", model="smollm2", quant="none")), _eager(smollm2)
     prompt = smollm2.tokenizer().encode("The capital of France is Paris. The capital of Germany is")
     r = greedy_tokens(ref, prompt, N_DECODE)
     rows = {}
@@ -90,7 +95,7 @@ def test_smollm2_int4_parity_and_greedy(smollm2_pair, smollm2):
     c = [int(np.argmax(x)) for x in rows["cand"]]
     assert c == r, f"greedy tokens diverge at step {next(i for i, (a, b) in enumerate(zip(c, r)) if a != b)}"
     st = compare_logits(rows["cand"], rows["ref"])
-    print(f"coreml smollm2 int4: {N_DECODE} greedy tokens equal; max rel {st.max_rel:.2e}, "
+    print(f"coreml smollm2 {quant}: {N_DECODE} greedy tokens equal; max rel {st.max_rel:.2e}, "
           f"top-1 {st.top1_rate:.3f}, mean KL {st.mean_kl:.2e}")
     assert st.max_rel <= REL_BOUND
     assert st.top1_rate == 1.0
