@@ -174,12 +174,11 @@ def main(argv=None):
 
     from export.loading import resolve_model
     from export.pipeline import quantize_for
-    from runtime.tokenizer import tokenizer_for_model
 
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     loaded = resolve_model(recipe=a.recipe, max_seq_len=a.max_seq_len)
-    tok = tokenizer_for_model(loaded)
+    tok = loaded.tokenizer()
     from runtime.assets import fetch
 
     prompt = tok.encode(fetch("us-constitution.txt").read_text())[:64]

@@ -81,7 +81,11 @@ def smollm2_pair(smollm2_int4, smollm2, smollm2_quant):
 def test_smollm2_parity_and_greedy(quant, request, export_artifact, smollm2):
     """Prefill + 32 decode steps along the reference's greedy path: every step's argmax agreeing
     means the candidate's own greedy decoding reproduces the reference's tokens exactly. int4:
-    vs the eager int4 reference; none: the fp16 package (unquantized) vs eager fp32."""
+    vs the eager int4 reference; none: the fp16 package (unquantized) vs eager fp32.
+
+    A step where the reference's own top-2 logits are closer than the fp16 error (a near-tie)
+    cannot be decided by any fp16 program; such steps are reported, and must be rare (the fp32
+    reference on this prompt has one at step 15: gap 0.004 logits vs fp16's ~0.04)."""
     if quant == "int4":
         cand, ref = request.getfixturevalue("smollm2_pair")
     else:
@@ -93,12 +97,17 @@ def test_smollm2_parity_and_greedy(quant, request, export_artifact, smollm2):
         b.reset()
         rows[key] = np.stack([b.prefill(prompt)] + [b.decode(t) for t in r[:-1]])
     c = [int(np.argmax(x)) for x in rows["cand"]]
-    assert c == r, f"greedy tokens diverge at step {next(i for i, (a, b) in enumerate(zip(c, r)) if a != b)}"
     st = compare_logits(rows["cand"], rows["ref"])
-    print(f"coreml smollm2 {quant}: {N_DECODE} greedy tokens equal; max rel {st.max_rel:.2e}, "
-          f"top-1 {st.top1_rate:.3f}, mean KL {st.mean_kl:.2e}")
+    top2 = np.sort(rows["ref"], axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > 2 * st.max_abs  # the reference's margin beats fp16's error
+    wrong = [i for i, (a, b) in enumerate(zip(c, r)) if a != b]
+    print(f"coreml smollm2 {quant}: max rel {st.max_rel:.2e}, top-1 {st.top1_rate:.3f}, mean KL {st.mean_kl:.2e}, "
+          f"greedy steps differing {wrong} (near-ties of the reference: {np.flatnonzero(~decisive).tolist()})")
     assert st.max_rel <= REL_BOUND
-    assert st.top1_rate == 1.0
+    assert not [i for i in wrong if decisive[i]], f"top-1 differs at decisive steps {wrong}"
+    assert (~decisive).sum() <= N_DECODE // 4, "more near-ties than fp16 error explains"
+    if quant == "int4":  # the int4 reference has no near-tie on this prompt: all 32 tokens
+        assert c == r and st.top1_rate == 1.0
 
 
 def test_smollm2_int4_perplexity(smollm2_pair, smollm2, heldout_text):
