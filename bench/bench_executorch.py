@@ -26,28 +26,38 @@ sys.path.insert(0, str(ROOT))
 PY = sys.executable
 
 
+# Runs a script or ``-m module`` and prints its peak RSS at exit. VmHWM belongs to the process's
+# own address space (reset by exec), unlike ru_maxrss, which also counts the forked parent's pages.
+_PEAK_WRAPPER = """
+import atexit, runpy, sys
+def _peak():
+    hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))
+    print('PEAK_RSS_MB', int(hwm.split()[1]) / 1024, flush=True)
+atexit.register(_peak)
+args = sys.argv[1:]
+if args[0] == '-m':
+    sys.argv = [args[1], *args[2:]]
+    runpy.run_module(args[1], run_name='__main__', alter_sys=True)
+else:
+    sys.argv = args
+    runpy.run_path(args[0], run_name='__main__')
+"""
+
+
 def run_child(args: list[str], env=None) -> tuple[int, float, float, str]:
     """(returncode, wall seconds, peak RSS MB, stdout) of a python subprocess."""
     t = time.time()
-    p = subprocess.Popen([PY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    out, err = p.communicate()
+    p = subprocess.run([PY, "-c", _PEAK_WRAPPER, *args], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     wall = time.time() - t
-    # communicate() reaped the child; its rusage is only available via wait4 before reaping,
-    # so the children also report their own ru_maxrss (see _child_main).
     if p.returncode != 0:
-        sys.stderr.write(err[-4000:])
-    rss = next((float(line.split()[1]) for line in out.splitlines() if line.startswith("MAXRSS_MB ")), float("nan"))
-    return p.returncode, wall, rss, out
+        sys.stderr.write(p.stderr[-4000:])
+    rss = next((float(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("PEAK_RSS_MB ")),
+               float("nan"))
+    return p.returncode, wall, rss, p.stdout
 
 
 # ---- children ----
-
-def _report_rss():
-    import resource
-
-    print(f"MAXRSS_MB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}", flush=True)
-
 
 def child_export(recipe: str, max_seq_len: int, variant: str, quant_file: str | None, out: str):
     import torch
@@ -60,7 +70,6 @@ def child_export(recipe: str, max_seq_len: int, variant: str, quant_file: str | 
     path = run_export(["executorch"], loaded=loaded, quantization=q, quant="int4" if q else "none",
                       variant=variant, out=out, progress=lambda s: print(s, file=sys.stderr))["executorch"]
     print("ARTIFACT", path)
-    _report_rss()
 
 
 def child_run(pte: str, custom_ops: bool, vocab: int, pos_mode: str, prompt_file: str):
@@ -71,7 +80,6 @@ def child_run(pte: str, custom_ops: bool, vocab: int, pos_mode: str, prompt_file
     from runtime.executorch_backend import load_program, set_threads
 
     prompt = json.loads(Path(prompt_file).read_text())
-    prog = load_program(Path(pte), custom_ops)
 
     def fwd(ids, start):
         toks = torch.tensor([ids], dtype=torch.long)
@@ -80,7 +88,8 @@ def child_run(pte: str, custom_ops: bool, vocab: int, pos_mode: str, prompt_file
 
     res = {}
     for threads in (1, 2):
-        set_threads(threads)
+        set_threads(threads)  # before loading: a resize invalidates loaded XNNPACK delegates
+        prog = load_program(Path(pte), custom_ops)
         fwd(prompt, 0)  # warm-up
         pre, ttft, dec = [], [], []
         for rep in range(3):
@@ -96,8 +105,8 @@ def child_run(pte: str, custom_ops: bool, vocab: int, pos_mode: str, prompt_file
             dec.append(128 / (time.perf_counter() - t))
         res[threads] = {"prefill_tok_s": float(np.median(pre)), "ttft_ms": float(np.median(ttft)) * 1000,
                         "decode_tok_s": float(np.median(dec))}
+        prog = None  # released before the pool it was built with is resized
     print("RESULT " + json.dumps(res))
-    _report_rss()
 
 
 # ---- the peer: ExecuTorch's own LLM export ----
@@ -144,7 +153,7 @@ def peer_export_args(ck: Path, params: Path, out_dir: Path, max_seq_len: int, bo
             "-d", "fp32", "-qmode", "8da4w", "-G", "32", "-E", "4,32",
             "--max_seq_length", str(max_seq_len), "--max_context_length", str(max_seq_len),
             "--metadata", json.dumps({"get_bos_id": bos, "get_eos_ids": eos}),
-            "--output-dir", str(out_dir), "--output_name", "peer.pte"]
+            "--output-dir", str(out_dir), "--output_name", str(out_dir / "peer.pte")]  # 1.5.1 writes output_name relative to the cwd
 
 
 # ---- driver ----

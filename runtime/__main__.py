@@ -145,6 +145,7 @@ def cmd_bench(args) -> int:
             r = measure(backend, args.prompt_tokens, args.decode_tokens, args.runs,
                         name=f"{backend.name} ({threads}t)")
         results.append(r)
+        del backend  # released before the next thread count resizes process-wide pools
     console.print(table(results, f"bench {args.spec}"))
     if args.json:
         with open(args.json, "w") as f:

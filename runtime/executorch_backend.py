@@ -22,8 +22,16 @@ import torch  # noqa: E402
 from runtime.backend import CachedBackend  # noqa: E402
 
 
+def pool_size() -> int:
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+
+    return int(_threadpool_get_thread_count())
+
+
 def set_threads(n: int) -> None:
-    """Size XNNPACK's (process-wide) threadpool."""
+    """Size XNNPACK's (process-wide) threadpool. Only before loading a program: the XNNPACK
+    delegates of a loaded program keep the pool they were built with, and resizing destroys
+    it (a later call into that program would touch freed memory)."""
     from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
 
     if n < 1:
@@ -56,11 +64,14 @@ class ExecuTorchBackend(CachedBackend):
         if threads:
             set_threads(threads)
         self.program = load_program(self.pte, custom_ops)
+        self._pool = pool_size()
         self.pos = 0
 
     def _forward(self, ids: list[int], start: int) -> np.ndarray:
-        if self.threads:
-            set_threads(self.threads)
+        if pool_size() != self._pool:
+            raise RuntimeError(f"{self.name}: the process-wide XNNPACK threadpool was resized from {self._pool} to "
+                               f"{pool_size()} threads after this program was loaded, which invalidates it; load the "
+                               f"artifact again (one thread count per process, or load after resizing)")
         tokens = torch.tensor([ids], dtype=torch.long)
         pos = torch.arange(start, start + len(ids), dtype=torch.long)
         return self.program.forward((tokens, pos))[0][0].numpy()

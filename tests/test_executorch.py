@@ -223,6 +223,25 @@ def test_capacity_errors_are_clear(export_artifact):
         be.decode(7)
 
 
+def test_threadpool_resize_after_load_is_a_clear_error(export_artifact):
+    """XNNPACK delegates keep the pool they were built with; a later resize frees it. The backend
+    refuses to run instead of touching freed memory, and a fresh load works."""
+    from runtime.executorch_backend import pool_size, set_threads
+
+    art = export_artifact("executorch", "tiny", "none", "portable")
+    be = load(art, threads=1)
+    be.prefill([5, 6])
+    set_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="threadpool was resized from 1 to 2"):
+            be.decode(7)
+        del be
+        again = load(art, threads=2)
+        assert pool_size() == 2 and np.isfinite(again.prefill([5, 6])).all()
+    finally:
+        set_threads(1)
+
+
 def test_manifest_records_variant_and_delegation(export_artifact):
     for model, quant, variant in (("smollm2", "int4", "portable"), ("tiny", "none", "fast")):
         m = read_manifest(export_artifact("executorch", model, quant, variant))
