@@ -26,34 +26,14 @@ sys.path.insert(0, str(ROOT))
 PY = sys.executable
 
 
-# Runs a script or ``-m module`` and prints its peak RSS at exit. VmHWM belongs to the process's
-# own address space (reset by exec), unlike ru_maxrss, which also counts the forked parent's pages.
-_PEAK_WRAPPER = """
-import atexit, runpy, sys
-def _peak():
-    hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))
-    print('PEAK_RSS_MB', int(hwm.split()[1]) / 1024, flush=True)
-atexit.register(_peak)
-args = sys.argv[1:]
-if args[0] == '-m':
-    sys.argv = [args[1], *args[2:]]
-    runpy.run_module(args[1], run_name='__main__', alter_sys=True)
-else:
-    sys.argv = args
-    runpy.run_path(args[0], run_name='__main__')
-"""
-
-
 def run_child(args: list[str], env=None) -> tuple[int, float, float, str]:
     """(returncode, wall seconds, peak RSS MB, stdout) of a python subprocess."""
-    t = time.time()
-    p = subprocess.run([PY, "-c", _PEAK_WRAPPER, *args], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    wall = time.time() - t
+    from runtime.bench import run_measured
+
+    p, wall, rss = run_measured(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                                python=PY)
     if p.returncode != 0:
         sys.stderr.write(p.stderr[-4000:])
-    rss = next((float(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("PEAK_RSS_MB ")),
-               float("nan"))
     return p.returncode, wall, rss, p.stdout
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -51,15 +50,14 @@ def _last_json(text: str) -> dict:
 
 
 def export_ours(recipe: str, max_seq_len: int, out: Path) -> dict:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t = time.time()
-    _run([sys.executable, "-m", "export", "--target", "onnx", "--recipe", recipe, "--quant", "int4",
-          "--max-seq-len", str(max_seq_len), "--out", str(out)], cwd=ROOT)
-    wall = time.time() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    from runtime.bench import run_measured
+
+    p, wall, peak = run_measured(["-m", "export", "--target", "onnx", "--recipe", recipe, "--quant", "int4",
+                                  "--max-seq-len", str(max_seq_len), "--out", str(out)], cwd=ROOT, env=_child_env())
+    if p.returncode:
+        raise SystemExit(f"export failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     art = out / f"{recipe}-onnx-int4"
-    return {"artifact": str(art), "export_wall_s": round(wall, 1),
-            "export_peak_rss_mb": round(max(peak, before) / 1024, 1) if peak > before else None,
+    return {"artifact": str(art), "export_wall_s": round(wall, 1), "export_peak_rss_mb": round(peak, 1),
             "size_mb": _dir_mb(art), "model_mb": round(sum(p.stat().st_size for p in art.glob("model.onnx*")) / 1e6, 2)}
 
 
@@ -154,7 +152,8 @@ for r in range(runs + 1):
 print(json.dumps({"name": f"onnxruntime-genai ({threads}t)", "prompt_tokens": prompt, "decode_tokens": decode,
                   "prefill_tok_s": statistics.median(pre), "ttft_ms": statistics.median(ttft),
                   "decode_tok_s": statistics.median(dec),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "runs": runs}))
+                  "peak_rss_mb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+                  / 1024, "runs": runs}))  # VmHWM: this process's own pages (ru_maxrss counts the forked parent's)
 '''
 
 

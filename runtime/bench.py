@@ -7,10 +7,13 @@ from the tokenizer's plain vocabulary) so every backend sees the same work.
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +36,45 @@ class BenchResult:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak RSS of this process. Linux: VmHWM, which belongs to the process's own address space;
+    ru_maxrss also counts the pages of the parent it was forked from (a bench parent holding
+    torch and a model makes every child look as large as itself)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024.0
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB on Linux
+
+
+# Runs a script or ``-m module`` in a fresh interpreter and prints its peak RSS at exit.
+_PEAK_WRAPPER = """
+import atexit, runpy, sys
+from runtime.bench import peak_rss_mb
+atexit.register(lambda: print('PEAK_RSS_MB', peak_rss_mb(), flush=True))
+args = sys.argv[1:]
+if args[0] == '-m':
+    sys.argv = [args[1], *args[2:]]
+    runpy.run_module(args[1], run_name='__main__', alter_sys=True)
+else:
+    sys.argv = args
+    runpy.run_path(args[0], run_name='__main__')
+"""
+
+
+def run_measured(args: list[str], cwd=None, env=None, python: str = sys.executable):
+    """(CompletedProcess, wall seconds, peak RSS MB) of ``python ARGS`` (a script or -m module)."""
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(env or os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    t = time.time()
+    p = subprocess.run([python, "-c", _PEAK_WRAPPER, *args], capture_output=True, text=True, cwd=cwd, env=env)
+    wall = time.time() - t
+    peak = next((float(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("PEAK_RSS_MB ")),
+                float("nan"))
+    return p, wall, peak
 
 
 def bench_prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
