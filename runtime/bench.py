@@ -53,7 +53,10 @@ import atexit, runpy, sys
 from runtime.bench import peak_rss_mb
 atexit.register(lambda: print('PEAK_RSS_MB', peak_rss_mb(), flush=True))
 args = sys.argv[1:]
-if args[0] == '-m':
+if args[0] == '-c':
+    sys.argv = ['-c', *args[2:]]
+    exec(compile(args[1], '<string>', 'exec'), {'__name__': '__main__'})
+elif args[0] == '-m':
     sys.argv = [args[1], *args[2:]]
     runpy.run_module(args[1], run_name='__main__', alter_sys=True)
 else:
@@ -63,7 +66,7 @@ else:
 
 
 def run_measured(args: list[str], cwd=None, env=None, python: str = sys.executable):
-    """(CompletedProcess, wall seconds, peak RSS MB) of ``python ARGS`` (a script or -m module)."""
+    """(CompletedProcess, wall seconds, peak RSS MB) of ``python ARGS`` (a script, -m module or -c code)."""
     import subprocess
 
     root = str(Path(__file__).resolve().parents[1])

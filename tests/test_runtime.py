@@ -108,3 +108,14 @@ def test_noise_floor_of_a_float_reference_is_float_rounding(tiny_eager):
         moved = tiny_eager.prefill(ids[:4])
     tiny_eager.reset()
     assert np.abs(moved - plain).max() > 1e-4 and np.array_equal(tiny_eager.prefill(ids[:4]), plain)
+
+
+def test_run_measured_reports_the_childs_own_peak_rss():
+    """A child's peak RSS is its own (VmHWM), not the pages of the parent it was forked from."""
+    from runtime.bench import run_measured
+
+    small, _, small_peak = run_measured(["-c", "x = 1"])
+    big, _, big_peak = run_measured(["-c", "x = bytearray(200 * 2**20)"])
+    assert small.returncode == big.returncode == 0
+    assert big_peak - small_peak > 150, (small_peak, big_peak)
+    assert small_peak < 200  # a bare interpreter, even when this test process holds torch and models
