@@ -95,10 +95,10 @@ def cmd_parity(args) -> int:
             from runtime.assets import fetch
 
             text = fetch("us-constitution.txt").read_text()
-    reports = [run_parity(group, ref, steps=args.steps, text=text, text_tokens=args.text_tokens,
-                          with_noise_floor=getattr(ref, "activation_quantization", None) is not None,
+    reports = [run_parity(group, references[scheme], steps=args.steps, text=text, text_tokens=args.text_tokens,
+                          with_noise_floor=getattr(references[scheme], "activation_quantization", None) is not None,
                           progress=lambda m: console.log(m))
-               for group, ref in ((g, references[k]) for k, g in groups.items())]
+               for scheme, group in groups.items()]
     report = merge_reports(reports, order=list(candidates))
     console.print(report.table())
     if args.json:
