@@ -12,6 +12,8 @@ exported artifact (on macOS also Core ML's own).
 
 from __future__ import annotations
 
+from edgellm.artifact import dir_size
+
 import argparse
 import json
 import os
@@ -23,8 +25,6 @@ import time
 from pathlib import Path
 
 
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def convert(recipe: str, quant: str, max_seq_len: int | None, out: Path) -> dict:
@@ -43,8 +43,8 @@ def convert(recipe: str, quant: str, max_seq_len: int | None, out: Path) -> dict
     art = dirs[-1]
     pkg = art / "model.mlpackage"
     return {"export_wall_s": round(wall, 1), "coreml_lowering_s": float(lower.group(1)) if lower else None,
-            "peak_rss_mb": round(peak_kb / 1024, 1), "package_mb": round(_dir_size(pkg) / 1e6, 2),
-            "artifact_mb": round(_dir_size(art) / 1e6, 2), "artifact": str(art)}
+            "peak_rss_mb": round(peak_kb / 1024, 1), "package_mb": round(dir_size(pkg) / 1e6, 2),
+            "artifact_mb": round(dir_size(art) / 1e6, 2), "artifact": str(art)}
 
 
 def speed(artifact: str, engine: str, prompt: int, decode: int) -> dict:

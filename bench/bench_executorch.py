@@ -42,7 +42,7 @@ def run_child(args: list[str], env=None) -> tuple[int, float, float, str]:
 def child_export(recipe: str, max_seq_len: int, variant: str, quant_file: str | None, out: str):
     import torch
 
-    from export.loading import resolve_model
+    from edgellm.model import resolve_model
     from export.pipeline import run_export
 
     loaded = resolve_model(recipe=recipe, max_seq_len=max_seq_len)
@@ -57,7 +57,7 @@ def child_run(pte: str, custom_ops: bool, vocab: int, pos_mode: str, prompt_file
     import numpy as np
     import torch
 
-    from runtime.executorch_backend import load_program, set_threads
+    from runtime.backends.executorch import load_program, set_threads
 
     prompt = json.loads(Path(prompt_file).read_text())
 
@@ -161,14 +161,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import torch
 
-    from export.loading import resolve_model
+    from edgellm.model import resolve_model
     from export.pipeline import quantize_for
 
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     loaded = resolve_model(recipe=a.recipe, max_seq_len=a.max_seq_len)
     tok = loaded.tokenizer()
-    from runtime.assets import fetch
+    from edgellm.assets import fetch
 
     prompt = tok.encode(fetch("us-constitution.txt").read_text())[:64]
     prompt_file = out / "prompt.json"

@@ -90,7 +90,7 @@ def write_hf_folder(recipe: str, max_seq_len: int, folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from export.loading import resolve_model
+    from edgellm.model import resolve_model
 
     loaded = resolve_model(recipe=recipe, max_seq_len=max_seq_len)
     c, rec = loaded.config, loaded.recipe

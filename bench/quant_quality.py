@@ -1,4 +1,4 @@
-"""Perplexity of SmolLM2-135M fp32 vs int4 quantization variants (export.quantize).
+"""Perplexity of SmolLM2-135M fp32 vs int4 quantization variants (edgellm.quantization).
 
 Text: first N tokens (default 2048) of the US constitution, one window, N-1 scored; tokens from
 the SmolLM2 GGUF tokenizer via transformers. Each variant is the eager decoder with its weights
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from export.loading import resolve_model  # noqa: E402
-from export.quantize import apply_reference, quantize  # noqa: E402
+from edgellm.model import resolve_model  # noqa: E402
+from edgellm.quantization import apply_reference, quantize  # noqa: E402
 
 # name -> (QuantConfig overrides or None for fp32, dynamic activations)
 VARIANTS = {
@@ -42,7 +42,7 @@ VARIANTS = {
 def tokens_of_constitution(n: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from runtime.assets import fetch
+    from edgellm.assets import fetch
 
     path = fetch("smollm2-135m-instruct.gguf")
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

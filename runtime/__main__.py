@@ -9,13 +9,8 @@ import argparse
 import json
 import sys
 
-import runtime  # noqa: F401  (sets thread/env defaults before heavy imports)
-
-# Default pass bounds for `parity` when a manifest gives none (teacher-forced, trained weights).
-DEFAULT_BOUNDS = {"top1": 0.99, "mean_kl": 1e-3, "ppl_ratio": 0.02}
-# With int8 dynamic activations the reference moves this far from itself under float-rounding
-# perturbation (its noise floor); an artifact passes if it is no further than that, with slack.
-FLOOR_TOP1_MARGIN, FLOOR_KL_FACTOR = 0.05, 2.0
+import runtime
+from edgellm.artifact import read_manifest
 
 
 def _console():
@@ -27,9 +22,9 @@ def _console():
 
 def _backend(spec: str, args) -> "runtime.Backend":
     opts = {}
-    if getattr(args, "threads", None):
+    if vars(args).get("threads"):
         opts["threads"] = args.threads
-    if getattr(args, "max_seq_len", None) and spec.startswith("eager"):
+    if vars(args).get("max_seq_len") and spec.startswith("eager"):
         opts["max_seq_len"] = args.max_seq_len
     return runtime.load(spec, **opts)
 
@@ -56,9 +51,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_parity(args) -> int:
-    from runtime.artifact import read_manifest
-    from runtime.eager_backend import EagerBackend
-    from runtime.parity import merge_reports, run_parity
+    from runtime.backends.eager import EagerBackend
+    from runtime.parity import merge_reports, problems, run_parity
 
     console = _console()
     manifests = {s: read_manifest(s) for s in args.specs if not s.startswith("eager")}
@@ -76,14 +70,14 @@ def cmd_parity(args) -> int:
         first = next(iter(manifests.values()))
         groups, references = {}, {}
         for s, be in candidates.items():
-            groups.setdefault(getattr(be, "activation_quantization", None), {})[s] = be
+            groups.setdefault(be.capabilities.activation_quantization, {})[s] = be
         quant = None
         for scheme in groups:
             with console.status(f"rebuilding the eager reference ({scheme or 'no activation quantization'}) "
                                 f"from the artifact manifest"):
                 kw = {"quantization": quant} if quant is not None else {}
                 references[scheme] = EagerBackend.reference_for(first, dynamic_activations=scheme or False, **kw)
-                quant = getattr(references[scheme], "quantization", None)
+                quant = references[scheme].quantization
     else:
         print("parity: give --reference SPEC when every candidate is eager", file=sys.stderr)
         return 2
@@ -92,11 +86,11 @@ def cmd_parity(args) -> int:
         if args.text:
             text = open(args.text).read()
         else:
-            from runtime.assets import fetch
+            from edgellm.assets import fetch
 
             text = fetch("us-constitution.txt").read_text()
     reports = [run_parity(group, references[scheme], steps=args.steps, text=text, text_tokens=args.text_tokens,
-                          with_noise_floor=getattr(references[scheme], "activation_quantization", None) is not None,
+                          with_noise_floor=references[scheme].capabilities.activation_quantization is not None,
                           progress=lambda m: console.log(m))
                for scheme, group in groups.items()]
     report = merge_reports(reports, order=list(candidates))
@@ -109,23 +103,9 @@ def cmd_parity(args) -> int:
         console.print(f"wrote {args.plot}")
     failed = []
     for row in report.rows:
-        bounds = dict(DEFAULT_BOUNDS)
-        m = manifests.get(row.candidate)
-        if m and m.get("parity_bounds"):
-            bounds.update(m["parity_bounds"])
-        if row.floor_top1 is not None:  # activation-quantized: judged against the reference's own floor
-            if row.floor_top1 < bounds["top1"]:
-                bounds["top1"] = row.floor_top1 - FLOOR_TOP1_MARGIN
-            bounds["mean_kl"] = max(bounds["mean_kl"], FLOOR_KL_FACTOR * row.floor_kl)
-        problems = []
-        if row.top1 < bounds["top1"]:
-            problems.append(f"top-1 {100 * row.top1:.1f}% < {100 * bounds['top1']:.1f}%")
-        if row.mean_kl > bounds["mean_kl"]:
-            problems.append(f"mean KL {row.mean_kl:.2e} > {bounds['mean_kl']:.1e}")
-        if row.ppl_ratio is not None and abs(row.ppl_ratio - 1) > bounds["ppl_ratio"]:
-            problems.append(f"perplexity ratio {row.ppl_ratio:.4f} outside ±{100 * bounds['ppl_ratio']:.0f}%")
-        if problems:
-            failed.append(f"{row.candidate}: " + "; ".join(problems))
+        bad = problems(row, manifests.get(row.candidate))
+        if bad:
+            failed.append(f"{row.candidate}: " + "; ".join(bad))
     if failed:
         console.print("[red]PARITY FAILED[/red]\n" + "\n".join(failed))
         return 1
@@ -138,12 +118,15 @@ def cmd_bench(args) -> int:
     from runtime.bench import measure, table
 
     console = _console()
+    from runtime.backend import spec_class
+
     results = []
-    for threads in args.threads_list:
+    with_threads = "threads" in spec_class(args.spec).accepts
+    for threads in (args.threads_list if with_threads else [None]):
         backend = runtime.load(args.spec, threads=threads)
-        with console.status(f"bench {args.spec} at {threads} thread(s)"):
-            r = measure(backend, args.prompt_tokens, args.decode_tokens, args.runs,
-                        name=f"{backend.name} ({threads}t)")
+        label = f"{threads}t" if threads else "threads n/a"
+        with console.status(f"bench {args.spec} ({label})"):
+            r = measure(backend, args.prompt_tokens, args.decode_tokens, args.runs, name=f"{backend.name} ({label})")
         results.append(r)
         del backend  # released before the next thread count resizes process-wide pools
     console.print(table(results, f"bench {args.spec}"))
@@ -164,20 +147,15 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    try:
-        from runtime.inspect import inspect_artifact, render
-    except ModuleNotFoundError:
-        from runtime.artifact import read_manifest
+    from runtime.inspect import inspect_artifact, render
 
-        print(json.dumps(read_manifest(args.spec), indent=2))
-        return 0
     info = inspect_artifact(args.spec)
     print(json.dumps(info, indent=2, default=str) if args.json else render(info))
     return 0
 
 
 def cmd_assets(args) -> int:
-    from runtime.assets import fetch_all
+    from edgellm.assets import fetch_all
 
     for name, path in fetch_all(progress=lambda m: print(m, file=sys.stderr)).items():
         print(f"{name}: {path}")

@@ -1,67 +1,96 @@
-"""The Backend protocol every runtime implements, and ``load(spec)`` that picks one.
+"""The Backend contract every runtime implements, its options and capabilities, and ``load(spec)``.
 
 A backend owns one model with a static KV cache and a position counter. ``prefill(ids)``
 appends ids at the current position and returns the float32 logits of the last one;
-``decode(id)`` appends one; ``reset()`` empties the cache. Generation, parity and bench are
-written once against this protocol. SPEC is an artifact directory, or
-``eager:RECIPE_OR_CHECKPOINT[:int4]`` for eager PyTorch.
+``decode(id)`` appends one; ``forward_all(ids)`` returns every position's logits; ``reset()``
+empties the cache. Generation, parity and bench are written once against this class and read
+what a backend can do from its declared ``Capabilities``, never by probing attributes.
+
+Backends live one module each in ``runtime/backends/`` (named after the artifact target they
+run, plus ``eager``) and register with ``@register``; ``load`` imports the one a manifest
+names. SPEC is an artifact directory, or ``eager:RECIPE_OR_CHECKPOINT[:int4]`` for eager
+PyTorch. Every backend takes one ``BackendOptions``; an option a backend does not take is an
+error naming it.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import numpy as np
 
-# Artifact target -> "module:Class" of its backend (a new target adds one line here).
-BACKENDS = {
-    "executorch": "runtime.executorch_backend:ExecuTorchBackend",
-    "onnx": "runtime.onnx_backend:OnnxBackend",
-    "coreml": "runtime.coreml_backend:CoreMLBackend",
-}
+from edgellm.artifact import read_manifest
+from edgellm.tokenizer import Tokenizer
 
 
 class CacheOverflowError(ValueError):
     """Prompt + generation would write past the static KV cache."""
 
 
-@runtime_checkable
-class Backend(Protocol):
-    name: str
-    tokenizer: Any
-    max_seq_len: int
-
-    def prefill(self, ids: list[int]) -> np.ndarray: ...
-
-    def decode(self, id: int) -> np.ndarray: ...
-
-    def reset(self) -> None: ...
+@dataclass(frozen=True)
+class Capabilities:
+    # The int8 dynamic activation quantization the runtime applies in front of its int4 linears
+    # (a name from edgellm.quantization.ACTIVATION_SCHEMES), or None: parity builds its eager
+    # reference with the same arithmetic, so that it measures what the artifact adds.
+    activation_quantization: str | None = None
+    perturbation: bool = False  # can run perturbed (``perturbed(eps)``): measures parity's noise floor
+    full_sequence: bool = True  # one call returns the logits of every position it was given
+    threads: bool = False  # honours BackendOptions.threads
 
 
-class CachedBackend:
-    """Position bookkeeping and cache-capacity errors shared by all backends.
+@dataclass(frozen=True)
+class BackendOptions:
+    """Options any backend may take; each backend lists those it uses in ``accepts``."""
 
-    Subclasses implement ``_forward(ids, start) -> float32 [len(ids), vocab]`` (logits of every
-    position, or at least the last row) and ``_reset()``; ``_max_chunk`` limits how many
-    tokens one call may take (a dynamic-shape export allows at most capacity - 1).
+    threads: int | None = None  # intra-op threads of the runtime
+    tokenizer: Tokenizer | None = None  # default: the artifact's own tokenizer files
+    accuracy_level: int | None = None  # ONNX MatMulNBits compute mode (0/1 exact, 4 int8 activations)
+    engine: str = "auto"  # Core ML: "coreml" (macOS) or "interpreter" (the MIL reference interpreter)
+    max_seq_len: int | None = None  # eager: cache capacity
+    seed: int = 0  # eager: random weights of a recipe without a checkpoint
+    n_layers: int | None = None  # eager: truncated depth
+
+    def given(self) -> set[str]:
+        """Names of the options set to something other than their default."""
+        return {f.name for f in fields(self) if getattr(self, f.name) != f.default}
+
+
+class Backend(ABC):
+    """Position bookkeeping, input checks and cache-capacity errors shared by all backends.
+
+    Subclasses implement ``_forward(ids, start) -> float32 [len(ids), vocab]`` and ``_reset()``;
+    ``_max_chunk`` limits how many tokens one call may take (a dynamic-shape export allows at
+    most capacity - 1).
     """
 
-    name = "backend"
-    tokenizer: Any = None
-    max_seq_len: int = 0
+    kind: ClassVar[str]  # the artifact target it runs ("eager" for PyTorch)
+    accepts: ClassVar[frozenset[str]] = frozenset({"tokenizer"})
+    name: str = "backend"
+    tokenizer: Tokenizer
+    max_seq_len: int
+    vocab_size: int
     pos: int = 0
-    # The int8 dynamic activation quantization this runtime applies in front of its int4
-    # linears (a name from export.quantize.ACTIVATION_SCHEMES), or None: parity builds its
-    # eager reference with the same arithmetic so that it measures what the artifact adds.
-    activation_quantization: str | None = None
 
-    def _forward(self, ids: list[int], start: int) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
 
-    def _reset(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @classmethod
+    @abstractmethod
+    def from_artifact(cls, directory: Path, manifest: dict[str, Any], tokenizer: Tokenizer,
+                      options: BackendOptions) -> "Backend":
+        """The backend for a verified artifact (its tokenizer already resolved)."""
+
+    @abstractmethod
+    def _forward(self, ids: list[int], start: int) -> np.ndarray: ...
+
+    @abstractmethod
+    def _reset(self) -> None: ...
 
     @property
     def _max_chunk(self) -> int:
@@ -79,19 +108,15 @@ class CachedBackend:
         """Logits for every one of ``ids`` (appended at the current position), chunked as needed."""
         ids = [int(i) for i in ids]
         self._check_room(len(ids))
-        vocab_rows = self._vocab_rows()
         for i in ids:
-            if not 0 <= i < vocab_rows:
-                raise ValueError(f"token id {i} is outside the model's vocabulary [0, {vocab_rows})")
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the model's vocabulary [0, {self.vocab_size})")
         outs = []
         for s in range(0, len(ids), self._max_chunk):
             chunk = ids[s:s + self._max_chunk]
             outs.append(np.asarray(self._forward(chunk, self.pos), dtype=np.float32).reshape(len(chunk), -1))
             self.pos += len(chunk)
         return np.concatenate(outs, axis=0)
-
-    def _vocab_rows(self) -> int:
-        return getattr(self, "vocab_size", 1 << 62)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         return self.forward_all(ids)[-1]
@@ -102,6 +127,37 @@ class CachedBackend:
     def reset(self) -> None:
         self._reset()
         self.pos = 0
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: ``cls`` runs artifacts whose manifest target is ``cls.kind``."""
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def kinds() -> list[str]:
+    from runtime import backends
+
+    return sorted(m.name for m in pkgutil.iter_modules(backends.__path__))
+
+
+def backend_class(kind: str) -> type[Backend]:
+    if kind not in kinds():
+        raise ValueError(f"no backend runs {kind!r} artifacts; backends: {', '.join(kinds())}")
+    importlib.import_module(f"runtime.backends.{kind}")
+    if kind not in _REGISTRY:
+        raise RuntimeError(f"runtime/backends/{kind}.py registers no backend (missing @register)")
+    return _REGISTRY[kind]
+
+
+def check_options(cls: type[Backend], options: BackendOptions) -> None:
+    extra = sorted(options.given() - cls.accepts)
+    if extra:
+        raise ValueError(f"the {cls.kind} backend does not take {', '.join(extra)}; "
+                         f"it takes: {', '.join(sorted(cls.accepts))}")
 
 
 def parse_spec(spec: str) -> tuple[str, str | None, bool]:
@@ -117,24 +173,24 @@ def parse_spec(spec: str) -> tuple[str, str | None, bool]:
     return "artifact", spec, False
 
 
-def load(spec: str, **options) -> Backend:
-    """A Backend for SPEC: an artifact directory or ``eager:RECIPE_OR_CHECKPOINT[:int4]``."""
+def spec_class(spec: str) -> type[Backend]:
+    """The backend class that would run SPEC (reads the manifest, loads nothing)."""
+    kind, what, _ = parse_spec(str(spec))
+    return backend_class("eager" if kind == "eager" else str(read_manifest(what, verify=False).get("target")))
+
+
+def load(spec: str, options: BackendOptions | None = None, **kw) -> Backend:
+    """A Backend for SPEC: an artifact directory or ``eager:RECIPE_OR_CHECKPOINT[:int4]``.
+    Options come as a ``BackendOptions`` or as its fields by keyword."""
+    options = options or BackendOptions(**kw)
     kind, what, int4 = parse_spec(str(spec))
     if kind == "eager":
-        from runtime.eager_backend import EagerBackend
-
-        return EagerBackend.from_spec(what, int4=int4, **options)
-    from runtime.artifact import read_manifest
-
+        cls = backend_class("eager")
+        check_options(cls, options)
+        return cls.from_spec(what, int4=int4, options=options)
     manifest = read_manifest(what)
-    target = manifest.get("target")
-    if target not in BACKENDS:
-        raise ValueError(f"{what}: unknown artifact target {target!r}; known: {', '.join(BACKENDS)}")
-    mod_name, cls_name = BACKENDS[target].split(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        if e.name == mod_name:
-            raise ValueError(f"the {target} backend is not available in this edgellm build") from None
-        raise
-    return getattr(mod, cls_name).from_artifact(Path(what), manifest, **options)
+    cls = backend_class(str(manifest.get("target")))
+    check_options(cls, options)
+    directory = Path(what)
+    tokenizer = options.tokenizer or Tokenizer.load(directory)
+    return cls.from_artifact(directory, manifest, tokenizer, options)

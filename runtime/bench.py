@@ -48,10 +48,13 @@ def peak_rss_mb() -> float:
 
 
 # Runs a script or ``-m module`` in a fresh interpreter and prints its peak RSS at exit.
+# (Self-contained: importing the runtime here would count its own imports in the child's peak.)
 _PEAK_WRAPPER = """
 import atexit, runpy, sys
-from runtime.bench import peak_rss_mb
-atexit.register(lambda: print('PEAK_RSS_MB', peak_rss_mb(), flush=True))
+def _peak():
+    with open('/proc/self/status') as f:
+        return next(int(l.split()[1]) for l in f if l.startswith('VmHWM')) / 1024.0
+atexit.register(lambda: print('PEAK_RSS_MB', _peak(), flush=True))
 args = sys.argv[1:]
 if args[0] == '-c':
     sys.argv = ['-c', *args[2:]]
@@ -90,7 +93,7 @@ def measure(backend: Backend, prompt_tokens: int = 64, decode_tokens: int = 128,
     """Median over ``runs`` (after one warm-up) of prefill and decode speed."""
     if prompt_tokens + decode_tokens > backend.max_seq_len:
         decode_tokens = max(1, backend.max_seq_len - prompt_tokens)
-    vocab = getattr(backend, "vocab_size", 32000)
+    vocab = backend.vocab_size
     ids = bench_prompt(prompt_tokens, vocab)
     prefill, decode, ttft = [], [], []
     for r in range(runs + 1):
@@ -107,7 +110,7 @@ def measure(backend: Backend, prompt_tokens: int = 64, decode_tokens: int = 128,
         prefill.append(prompt_tokens / (t1 - t0))
         ttft.append((t1 - t0) * 1000)
         decode.append(decode_tokens / (t2 - t1))
-    return BenchResult(name or getattr(backend, "name", "backend"), prompt_tokens, decode_tokens,
+    return BenchResult(name or backend.name, prompt_tokens, decode_tokens,
                        statistics.median(prefill), statistics.median(ttft), statistics.median(decode),
                        peak_rss_mb(), runs)
 

@@ -12,6 +12,8 @@ can compare them with the shared quantization byte for byte.
 
 from __future__ import annotations
 
+from edgellm.artifact import dir_size
+
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,6 @@ _BYTES = {"FLOAT16": 2, "FLOAT32": 4, "FLOAT64": 8, "BFLOAT16": 2, "INT8": 1, "U
 FP32_WEIGHT_LIMIT = 64 * 1024  # fp32 constants beyond this many bytes are reported as stray
 
 
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() \
-        else Path(path).stat().st_size
 
 
 # ---------------------------------------------------------------- Core ML
@@ -86,7 +85,7 @@ def inspect_coreml(package: Path) -> dict[str, Any]:
     spec = ct.utils.load_spec(str(package))
     desc = spec.description
     rep: dict[str, Any] = {
-        "kind": "coreml", "file": str(package), "size_bytes": _dir_size(package),
+        "kind": "coreml", "file": str(package), "size_bytes": dir_size(package),
         "specification_version": spec.specificationVersion,
         "deployment_target": SPEC_TARGETS.get(spec.specificationVersion, f"spec {spec.specificationVersion}"),
         "model_type": spec.WhichOneof("Type"),
@@ -191,7 +190,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 
 def inspect_artifact(directory: str | Path) -> dict[str, Any]:
     """The structural report of an artifact directory (manifest checked by sha256)."""
-    from runtime.artifact import read_manifest
+    from edgellm.artifact import read_manifest
 
     directory = Path(directory)
     man = read_manifest(directory)
@@ -202,11 +201,11 @@ def inspect_artifact(directory: str | Path) -> dict[str, Any]:
     elif target == "onnx":
         rep = inspect_onnx(path)
     else:
-        rep = {"kind": target, "file": str(path), "size_bytes": _dir_size(path)}
+        rep = {"kind": target, "file": str(path), "size_bytes": dir_size(path)}
     rep["artifact"] = str(directory)
-    rep["manifest"] = {k: man.get(k) for k in ("name", "target", "variant", "max_seq_len", "vocab_size",
-                                                "quantization", "decoder_options")}
-    rep["artifact_bytes"] = _dir_size(directory)
+    rep["manifest"] = {k: man.get(k) for k in ("name", "target", "flavour", "max_seq_len", "vocab_size",
+                                                "quantization", "transforms")}
+    rep["artifact_bytes"] = dir_size(directory)
     return rep
 
 

@@ -1,15 +1,13 @@
 """Session fixtures: the SmolLM2 model, its one quantization and one export per artifact kind.
 
-Exports are the expensive part of the suite, so each (recipe, target, quant, variant) is
+Exports are the expensive part of the suite, so each (recipe, target, quant, flavour) is
 exported once per test session into a shared temp directory and reused by every test.
 """
 
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch's OpenMP pool fights XNNPACK's threads
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
+import edgellm  # noqa: E402,F401  (environment defaults before torch loads)
 
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct (trained weights) at a 512-slot cache: a LoadedModel."""
-    from export.loading import resolve_model
+    from edgellm.model import resolve_model
 
     return resolve_model(recipe="smollm2-135m", max_seq_len=512)
 
@@ -34,7 +32,7 @@ def smollm2_quant(smollm2):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from export.loading import resolve_model
+    from edgellm.model import resolve_model
 
     return resolve_model(recipe="tiny")
 
@@ -49,7 +47,7 @@ def tiny_quant(tiny):
 @pytest.fixture(scope="session")
 def heldout_text() -> str:
     """Public-domain English text for perplexity (US constitution, Debian miscfiles)."""
-    from runtime.assets import fetch
+    from edgellm.assets import fetch
 
     return fetch("us-constitution.txt").read_text()
 
@@ -61,7 +59,7 @@ def artifacts_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def export_artifact(artifacts_dir, request):
-    """``export_artifact(target, model="smollm2"|"tiny"|LoadedModel, quant="int4"|"none", variant=None)``
+    """``export_artifact(target, model="smollm2"|"tiny"|LoadedModel, quant="int4"|"none", flavour=None)``
     -> artifact dir, exported once per session per key."""
     from export.pipeline import run_export
 
@@ -70,8 +68,8 @@ def export_artifact(artifacts_dir, request):
     def shared(name):  # resolved lazily: a tiny-only selection never quantizes SmolLM2
         return request.getfixturevalue(name), request.getfixturevalue(f"{name}_quant")
 
-    def _export(target: str, model="smollm2", quant: str = "int4", variant: str | None = None, quantization=None):
-        key = (target, model if isinstance(model, str) else id(model), quant, variant)
+    def _export(target: str, model="smollm2", quant: str = "int4", flavour: str | None = None, quantization=None):
+        key = (target, model if isinstance(model, str) else id(model), quant, flavour)
         if key not in cache:
             if isinstance(model, str):
                 loaded, q = shared(model)
@@ -83,7 +81,7 @@ def export_artifact(artifacts_dir, request):
             q = q if quant == "int4" else None
             # Models built by a test share the tiny recipe's name: give each its own folder.
             out_root = artifacts_dir if isinstance(model, str) else artifacts_dir / f"model-{id(model)}"
-            out = run_export([target], loaded=loaded, quantization=q, quant=quant, variant=variant,
+            out = run_export([target], loaded=loaded, quantization=q, quant=quant, flavour=flavour,
                              out=out_root, progress=lambda s: None)
             cache[key] = out[target]
         return cache[key]

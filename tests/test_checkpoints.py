@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from export import load_decoder
-from export.checkpoints import CheckpointError, load_gguf, load_hf_folder, unpermute_rotary
-from test_decoder import TOL, full, hf_dict, hf_logits, hf_model, maxdiff, tokens
+from edgellm.architectures.llama import unpermute_rotary
+from edgellm.weights import CheckpointError, load_gguf, load_hf_folder
+from helpers import TOL, full, hf_dict, hf_logits, hf_model, maxdiff, tokens
 
 # --------------------------------------------------------------------------- HF folders
 
@@ -322,7 +323,7 @@ def _transformers_from_gguf(p):
 def smollm2_gguf():
     from transformers import AutoTokenizer
 
-    from runtime.assets import fetch
+    from edgellm.assets import fetch
 
     p = fetch("smollm2-135m-instruct.gguf")
     ours = load_decoder(checkpoint=p, max_seq_len=128)

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import model_from_hf_config
 
 from runtime.parity import compare_logits, greedy_tokens, perplexity, teacher_forced
 
@@ -33,22 +34,16 @@ def _ids(n, vocab, seed=0):
 @pytest.fixture(scope="module")
 def hf_gqa_model():
     """An HF-config llama with GQA (8 query / 2 KV heads), q/k/v/o biases and llama3-scaled RoPE."""
-    from export import checkpoints
-    from export.config import config_from_hf
-    from export.loading import LoadedModel
-    from export.recipes import load_recipe
-
-    cfg = config_from_hf({
+    return model_from_hf_config({
         "model_type": "llama", "vocab_size": 49152, "hidden_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 256,
         "max_position_embeddings": 128, "rope_theta": 500000.0, "attention_bias": True,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}})
-    return LoadedModel(load_recipe("tiny"), cfg, checkpoints.random_state(cfg, 0), "random(seed=0)")
 
 
 def _eager(loaded, quant=None):
-    from runtime.eager_backend import EagerBackend
+    from runtime.backends.eager import EagerBackend
 
     return EagerBackend.from_loaded(loaded, int4=quant is not None, quantization=quant)
 
@@ -78,6 +73,7 @@ def smollm2_pair(smollm2_int4, smollm2, smollm2_quant):
 
 
 @pytest.mark.parametrize("quant", ["int4", "none"])
+@pytest.mark.slow
 def test_smollm2_parity_and_greedy(quant, request, export_artifact, smollm2):
     """Prefill + 32 decode steps along the reference's greedy path: every step's argmax agreeing
     means the candidate's own greedy decoding reproduces the reference's tokens exactly. int4:
@@ -110,6 +106,7 @@ def test_smollm2_parity_and_greedy(quant, request, export_artifact, smollm2):
         assert c == r and st.top1_rate == 1.0
 
 
+@pytest.mark.slow
 def test_smollm2_int4_perplexity(smollm2_pair, smollm2, heldout_text):
     cand, ref = smollm2_pair
     ids = smollm2.tokenizer().encode(heldout_text)[:PPL_TOKENS + 1]
@@ -118,9 +115,10 @@ def test_smollm2_int4_perplexity(smollm2_pair, smollm2, heldout_text):
     assert abs(pc / pr - 1) <= 0.03
 
 
+@pytest.mark.slow
 def test_weight_blobs_hold_the_shared_codes(smollm2_int4, smollm2_quant):
     """Codes and scales read back from weight.bin equal the shared quantization exactly."""
-    from export.to_coreml import _weight_key
+    from export.targets.coreml.lowering import _weight_key
     from runtime.inspect import read_blockwise_weights
 
     blobs = read_blockwise_weights(smollm2_int4 / "model.mlpackage")
@@ -135,6 +133,7 @@ def test_weight_blobs_hold_the_shared_codes(smollm2_int4, smollm2_quant):
     assert seen == {id(q) for q in smollm2_quant.weights.values()}, "a quantized tensor has no int4 blob"
 
 
+@pytest.mark.slow
 def test_structure(smollm2_int4, smollm2, smollm2_quant):
     from runtime.inspect import inspect_artifact, render
 
@@ -156,7 +155,7 @@ def test_structure(smollm2_int4, smollm2, smollm2_quant):
 
 def test_tampered_package_is_refused(export_artifact, tmp_path):
     from runtime import load
-    from runtime.artifact import ArtifactError
+    from edgellm.artifact import ArtifactError
 
     art = tmp_path / "a"
     shutil.copytree(export_artifact("coreml", model="tiny", quant="int4"), art)

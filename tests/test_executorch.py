@@ -11,32 +11,27 @@ import math
 
 import numpy as np
 import pytest
+from helpers import model_from_hf_config
 import torch
 
 pytest.importorskip("executorch", reason="executorch is not installed")
 
 from runtime import parity  # noqa: E402
-from runtime.artifact import read_manifest  # noqa: E402
+from edgellm.artifact import read_manifest  # noqa: E402
 from runtime.backend import CacheOverflowError, load  # noqa: E402
-from runtime.eager_backend import EagerBackend  # noqa: E402
+from runtime.backends.eager import EagerBackend  # noqa: E402
 
 PROMPT = "The history of the printing press begins in"
 
 
 def _gqa_scaled_rope_model():
     """An HF-config LLaMA (GQA 6/2, llama3 RoPE scaling, partial rotary) with random weights."""
-    from export import checkpoints
-    from export.config import config_from_hf
-    from export.loading import LoadedModel
-    from export.recipes import load_recipe
-
     hf = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 192, "num_hidden_layers": 2,
           "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 384,
           "max_position_embeddings": 256, "rope_theta": 500000.0, "partial_rotary_factor": 0.5,
           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
-    cfg = config_from_hf(hf, max_seq_len=256)
-    return LoadedModel(load_recipe("tiny"), cfg, checkpoints.random_state(cfg, 0), "random(seed=0)")
+    return model_from_hf_config(hf, max_seq_len=256)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +80,12 @@ def test_int4_random_weights_bounded(export_artifact, tiny, tiny_quant):
 def test_lowered_program_carries_shared_codes_and_scales(tiny, tiny_quant):
     """The constants of the program handed to XNNPACK are exactly the shared int4 tensors."""
     from export.pipeline import ExportJob
-    from export.to_executorch import exported_program
+    from export.targets.executorch.lowering import exported_program
 
-    job = ExportJob(tiny, tiny_quant, "/nonexistent", "executorch", "portable", progress=lambda s: None)
-    ep, _, _, names = exported_program(job)
+    from export import targets
+
+    job = ExportJob(tiny, tiny_quant, "/nonexistent", targets.get("executorch"), "portable", progress=lambda s: None)
+    ep, _, names = exported_program(job)
     assert sorted(names) == sorted(tiny_quant.weights)
     state = ep.run_decompositions({}).state_dict  # the form to_edge lowers: subclass -> (qdata, scale, zero_point)
     for name, qw in tiny_quant.weights.items():
@@ -107,8 +104,8 @@ def test_xnnpack_8da4w_linear_is_the_reference_arithmetic():
     from executorch.runtime import Runtime
     from torch import nn
 
-    from export.quantize import fake_quantize_activation, quantize_weight
-    from export.to_executorch import intx_tensor, lower_program
+    from edgellm.quantization import fake_quantize_activation, quantize_weight
+    from export.targets.executorch.lowering import intx_tensor, lower_program
 
     g = torch.Generator().manual_seed(0)
     qw = quantize_weight(torch.randn(96, 128, generator=g) * 0.05, 32)
@@ -124,8 +121,8 @@ def test_xnnpack_8da4w_linear_is_the_reference_arithmetic():
 
 
 def test_scales_off_the_bf16_grid_are_refused():
-    from export.quantize import quantize_weight
-    from export.to_executorch import intx_tensor
+    from edgellm.quantization import quantize_weight
+    from export.targets.executorch.lowering import intx_tensor
 
     qw = quantize_weight(torch.randn(8, 64), 32)
     qw.scales = qw.scales * (1 + 2.0 ** -10)  # fp16-exact is not enough
@@ -146,8 +143,9 @@ def smollm2_forced(smollm2_ref, heldout_text):
     return ids, ref_logits, parity.noise_floor(smollm2_ref, ids, 32, ref_logits)
 
 
-@pytest.mark.parametrize("variant", ["portable", "fast"])
-def test_smollm2_int4_agrees_with_eager_8da4w(export_artifact, smollm2_ref, smollm2_forced, variant):
+@pytest.mark.parametrize("flavour", ["portable", "fast"])
+@pytest.mark.slow
+def test_smollm2_int4_agrees_with_eager_8da4w(export_artifact, smollm2_ref, smollm2_forced, flavour):
     """Agreement with the eager model carrying the same codes, scales and 8da activations.
 
     The issue's goal (top-1 >= 99 %, mean KL <= 1e-3) is below this reference's own noise
@@ -155,14 +153,14 @@ def test_smollm2_int4_agrees_with_eager_8da4w(export_artifact, smollm2_ref, smol
     because per-token int8 activations flip rounding decisions that cascade through 30
     layers. Every Linear of the .pte matches the reference to 1e-6 on its own (see
     test_xnnpack_8da4w_linear_is_the_reference_arithmetic); the artifact is held to the floor."""
-    be = load(export_artifact("executorch", "smollm2", "int4", variant), threads=1)
+    be = load(export_artifact("executorch", "smollm2", "int4", flavour), threads=1)
     tok = be.tokenizer
     ids, ref_logits, floor = smollm2_forced
     stats = parity.compare_logits(parity.all_logits(be, ids, 32), ref_logits)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
                         allow_special=True)
     common, cand, want = parity.greedy_prefix(be, smollm2_ref, prompt, 32)
-    print(f"smollm2 int4 {variant}: top-1 {stats.top1_rate:.4f}, mean KL {stats.mean_kl:.2e} "
+    print(f"smollm2 int4 {flavour}: top-1 {stats.top1_rate:.4f}, mean KL {stats.mean_kl:.2e} "
           f"(reference noise floor: top-1 {floor.top1_rate:.4f}, KL {floor.mean_kl:.2e}), "
           f"greedy {common}/32: {tok.decode(cand)!r}")
     assert stats.top1_rate >= min(0.99, floor.top1_rate - 0.05), stats.top1_rate
@@ -170,17 +168,19 @@ def test_smollm2_int4_agrees_with_eager_8da4w(export_artifact, smollm2_ref, smol
     assert common >= 24, f"greedy diverges at {common}: {tok.decode(cand)!r} vs {tok.decode(want)!r}"
 
 
+@pytest.mark.slow
 def test_smollm2_int4_perplexity(export_artifact, smollm2, smollm2_ref, heldout_text):
     ids = smollm2_ref.tokenizer.encode(heldout_text)[:512]
     ref = parity.perplexity(smollm2_ref, ids)
     fp32 = parity.perplexity(EagerBackend.from_loaded(smollm2, tokenizer=smollm2_ref.tokenizer), ids)
-    for variant in ("portable", "fast"):
-        ppl = parity.perplexity(load(export_artifact("executorch", "smollm2", "int4", variant), threads=1), ids)
+    for flavour in ("portable", "fast"):
+        ppl = parity.perplexity(load(export_artifact("executorch", "smollm2", "int4", flavour), threads=1), ids)
         print(f"perplexity ({len(ids) - 1} tokens): eager fp32 {fp32:.3f}, eager int4-8da {ref:.3f}, "
-              f"executorch int4 {variant} {ppl:.3f} ({(ppl / ref - 1) * 100:+.2f}% vs eager int4)")
+              f"executorch int4 {flavour} {ppl:.3f} ({(ppl / ref - 1) * 100:+.2f}% vs eager int4)")
         assert math.isfinite(ppl) and abs(ppl / ref - 1) <= 0.02
 
 
+@pytest.mark.slow
 def test_text_llm_runner_generates_our_greedy_tokens(export_artifact):
     """ExecuTorch's own TextLLMRunner (C++ runner + tokenizer.json) reproduces our generation."""
     runner_mod = pytest.importorskip("executorch.extension.llm.runner", reason="wheel without the LLM runner")
@@ -226,7 +226,7 @@ def test_capacity_errors_are_clear(export_artifact):
 def test_threadpool_resize_after_load_is_a_clear_error(export_artifact):
     """XNNPACK delegates keep the pool they were built with; a later resize frees it. The backend
     refuses to run instead of touching freed memory, and a fresh load works."""
-    from runtime.executorch_backend import pool_size, set_threads
+    from runtime.backends.executorch import pool_size, set_threads
 
     art = export_artifact("executorch", "tiny", "none", "portable")
     be = load(art, threads=1)
@@ -242,12 +242,15 @@ def test_threadpool_resize_after_load_is_a_clear_error(export_artifact):
         set_threads(1)
 
 
-def test_manifest_records_variant_and_delegation(export_artifact):
-    for model, quant, variant in (("smollm2", "int4", "portable"), ("tiny", "none", "fast")):
-        m = read_manifest(export_artifact("executorch", model, quant, variant))
-        assert m["name"].endswith(f"-executorch-{'int4' if quant == 'int4' else 'fp32'}-{variant}")
+@pytest.mark.slow
+def test_manifest_records_flavour_and_delegation(export_artifact):
+    for model, quant, flavour in (("smollm2", "int4", "portable"), ("tiny", "none", "fast")):
+        m = read_manifest(export_artifact("executorch", model, quant, flavour))
+        assert m["flavour"] == m["executorch"]["flavour"] == flavour
+        assert [t["name"] for t in m["transforms"]][-1] == ("executorch_llm_ops" if flavour == "fast" else "attention_folded_bmm")
+        assert m["name"].endswith(f"-executorch-{'int4' if quant == 'int4' else 'fp32'}-{flavour}")
         custom = [op for op in m["executorch"]["delegation"]["outside"]
                   if "custom_sdpa" in op or "update_cache" in op]
-        assert bool(custom) == (variant == "fast"), f"{variant}: custom ops outside delegates: {custom}"
+        assert bool(custom) == (flavour == "fast"), f"{flavour}: custom ops outside delegates: {custom}"
         if quant == "int4":
             assert m["executorch"]["linear_scheme"] == "8da4w"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds the native runner / drives a browser on SmolLM2 artifacts
+
 sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_corpus import CORPUS  # noqa: E402
 
@@ -92,7 +94,7 @@ def test_sampling_is_seeded(runner, smollm2_pte):
 # ---- tokenizer: id for id on the shared corpus ----
 
 def test_tokenizer_equals_python_on_corpus(runner, smollm2_pte):
-    from runtime.tokenizer import load_tokenizer
+    from edgellm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(smollm2_pte)
     bad = []
@@ -106,7 +108,7 @@ def test_tokenizer_equals_python_on_corpus(runner, smollm2_pte):
 def test_chat_prompt_equals_python_and_user_text_stays_text(runner, smollm2_pte):
     """The chat prompt is tokenized exactly as Python's ``Tokenizer.encode_chat``: specials only
     from the template, special-token text typed by the user stays text (no injected turns)."""
-    from runtime.tokenizer import load_tokenizer
+    from edgellm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(smollm2_pte)
     specials = set(tok.special_tokens.values())
@@ -146,8 +148,8 @@ def test_prompt_longer_than_cache(runner, smollm2_pte):
 
 
 @pytest.mark.parametrize("edit,needle", [({"target": "onnx"}, "onnx artifact"),
-                                         ({"variant": "fast", "executorch": {"variant": "fast", "custom_ops": True}},
-                                          "--variant portable")])
+                                         ({"flavour": "fast", "executorch": {"flavour": "fast", "custom_ops": True}},
+                                          "--flavour portable")])
 def test_wrong_artifact_kind(runner, smollm2_pte, tmp_path, edit, needle):
     for name in ("tokenizer.tiktoken", "tokenizer.meta.json"):
         shutil.copy(smollm2_pte / name, tmp_path / name)

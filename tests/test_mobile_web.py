@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds the native runner / drives a browser on SmolLM2 artifacts
+
 sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_corpus import CORPUS  # noqa: E402
 
@@ -122,7 +124,7 @@ def test_browser_greedy_matches_python_runtime(web_ready, smollm2_onnx):
     with the exactly dequantized weights, i.e. what runtime.load(dir, accuracy_level=0) runs; that
     is the reference asserted. Agreement with the stored level (4) is printed, not asserted.
     """
-    from runtime.tokenizer import Tokenizer
+    from edgellm.tokenizer import Tokenizer
 
     tok = Tokenizer.load(smollm2_onnx)
     prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]), allow_special=True)
@@ -165,8 +167,8 @@ CL100K = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{
 @pytest.fixture(scope="module")
 def js_tokenize(web_ready, tmp_path_factory):
     """One browser run: the page's tokenizer (SmolLM2's files) on the corpus, plus pattern splits."""
-    from runtime import tokenizer_builders as tb
-    from runtime.tokenizer import load_tokenizer
+    from edgellm.tokenizer import builders as tb
+    from edgellm.tokenizer import load_tokenizer
 
     d = tmp_path_factory.mktemp("webtok")
     tok = load_tokenizer("smollm2-135m")
@@ -185,7 +187,7 @@ def js_tokenize(web_ready, tmp_path_factory):
 
 
 def test_js_tokenizer_matches_python(js_tokenize):
-    """js-tiktoken (with the converted pattern) encodes the corpus exactly as runtime.tokenizer does."""
+    """js-tiktoken (with the converted pattern) encodes the corpus exactly as edgellm.tokenizer does."""
     tok, texts, _, out = js_tokenize
     assert len(out["ids"]) == len(texts)
     for text, js, js_sp, dec in zip(texts, out["ids"], out["ids_special"], out["decoded"]):

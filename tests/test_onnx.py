@@ -2,7 +2,7 @@
 
 Random-weight models (the tiny recipe; an HF-config model with GQA and llama3-scaled RoPE)
 are held to |Δlogit| bounds; agreement figures (top-1, KL, perplexity) are asserted on
-SmolLM2's trained weights. ``fast`` is the default variant (GroupQueryAttention, fused QKV,
+SmolLM2's trained weights. ``fast`` is the default flavour (GroupQueryAttention, fused QKV,
 SkipSimplifiedLayerNormalization); ``portable`` keeps standard opset-23 ops.
 """
 
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import model_from_hf_config
 
-from runtime.artifact import read_manifest
+from edgellm.artifact import read_manifest
 from runtime.backend import CacheOverflowError
-from runtime.eager_backend import EagerBackend
+from runtime.backends.eager import EagerBackend
 from runtime.parity import all_logits, compare_logits, greedy_prefix, noise_floor, perplexity, teacher_forced
 
 FP32_REL = 1e-4
@@ -28,9 +29,9 @@ ACC4_TOP1, ACC4_KL = 0.99, 1e-3
 
 
 def _onnx(directory, **kw):
-    from runtime.onnx_backend import OnnxBackend
+    import runtime
 
-    return OnnxBackend.from_artifact(directory, read_manifest(directory), threads=1, **kw)
+    return runtime.load(directory, threads=1, **kw)
 
 
 def _ids(vocab: int, n: int, seed: int = 0) -> list[int]:
@@ -40,26 +41,21 @@ def _ids(vocab: int, n: int, seed: int = 0) -> list[int]:
 @pytest.fixture(scope="module")
 def hf_gqa_model(tiny):
     """An HF llama config with GQA (8 query / 2 KV heads) and llama3-scaled RoPE, random weights."""
-    from export import checkpoints
-    from export.config import config_from_hf
-    from export.loading import LoadedModel
-
-    cfg = config_from_hf({
+    return model_from_hf_config({
         "model_type": "llama", "vocab_size": tiny.config.vocab_size, "hidden_size": 128, "intermediate_size": 320,
         "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
         "max_position_embeddings": 256, "rope_theta": 500000.0, "tie_word_embeddings": True,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 64}})
-    return LoadedModel(tiny.recipe, cfg, checkpoints.random_state(cfg, 0), "random(seed=0)")
 
 
 FP32_CASES = [("tiny", None), ("tiny", "portable"), ("hf_gqa_model", None)]
 
 
-@pytest.mark.parametrize("model,variant", FP32_CASES, ids=["tiny-fast", "tiny-portable", "hf-gqa-llama3rope-fast"])
-def test_fp32_matches_eager(request, export_artifact, model, variant):
+@pytest.mark.parametrize("model,flavour", FP32_CASES, ids=["tiny-fast", "tiny-portable", "hf-gqa-llama3rope-fast"])
+def test_fp32_matches_eager(request, export_artifact, model, flavour):
     loaded = request.getfixturevalue(model)
-    art = export_artifact("onnx", "tiny" if model == "tiny" else loaded, "none", variant)
+    art = export_artifact("onnx", "tiny" if model == "tiny" else loaded, "none", flavour)
     cand, ref = _onnx(art), EagerBackend.from_loaded(loaded)
     ids = _ids(loaded.config.vocab_size, 130)
     for prompt_len in (1, 7, 64):  # dynamic prefill lengths, then teacher-forced decode
@@ -76,10 +72,10 @@ def test_fp32_matches_eager(request, export_artifact, model, variant):
     assert rel.max() <= FP32_REL, f"chunked prefill: max rel {rel.max():.2e}"
 
 
-@pytest.mark.parametrize("variant", [None, "portable"], ids=["fast", "portable"])
-def test_int4_exact_dequant_matches_reference(export_artifact, tiny, tiny_quant, variant):
+@pytest.mark.parametrize("flavour", [None, "portable"], ids=["fast", "portable"])
+def test_int4_exact_dequant_matches_reference(export_artifact, tiny, tiny_quant, flavour):
     """accuracy_level 0 = MatMulNBits with exactly dequantized weights: the eager int4 reference."""
-    art = export_artifact("onnx", "tiny", "int4", variant)
+    art = export_artifact("onnx", "tiny", "int4", flavour)
     cand = _onnx(art, accuracy_level=0)
     ref = EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant)
     st = teacher_forced(cand, ref, _ids(tiny.config.vocab_size, 100, seed=1), 7)
@@ -103,7 +99,7 @@ def test_int4_acc4_matches_the_block_int8_reference(export_artifact, tiny, tiny_
 
 
 def _assert_codes_equal(art, quant):
-    from export.to_onnx import read_int4
+    from export.targets.onnx.lowering import read_int4
 
     stored = read_int4(art / "model.onnx")
     expected = {name: qw for name, qw in quant.weights.items()}
@@ -131,12 +127,12 @@ def test_asymmetric_codes_and_zero_points_carried(export_artifact, tiny):
     """Asymmetric quantization: codes in [0, 15] and zero points are stored as is, and run exactly."""
     from dataclasses import replace
 
-    from export.loading import LoadedModel
-    from export.quantize import quantize
+    from edgellm.model import LoadedModel
+    from edgellm.quantization import quantize
 
     rec = replace(tiny.recipe, quantization=replace(tiny.recipe.quantization, symmetric=False, scale_search=False))
-    loaded = LoadedModel(rec, tiny.config, tiny.state, tiny.weights)
-    q = quantize(loaded.state, rec.quantization, tied=loaded.config.tie_embeddings)
+    loaded = LoadedModel(rec, tiny.config, tiny.weights)
+    q = quantize(loaded.weights, rec.quantization, tied=loaded.config.tie_embeddings)
     assert any(qw.zero_points is not None for qw in q.weights.values())
     art = export_artifact("onnx", loaded, "int4", "portable", quantization=q)
     _assert_codes_equal(art, q)
@@ -204,8 +200,8 @@ def test_matmulnbits_acc4_is_block_int8_activation_arithmetic():
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.quantize import fake_quantize_activation, quantize_weight
-    from export.to_onnx import onnx_int4
+    from edgellm.quantization import fake_quantize_activation, quantize_weight
+    from export.targets.onnx.lowering import onnx_int4
 
     g = torch.Generator().manual_seed(0)
     K, N, M = 128, 96, 5

@@ -1,4 +1,4 @@
-"""The shared int4 quantization (export.quantize): format, exactness, errors, quality, 8da4w."""
+"""The shared int4 quantization (edgellm.quantization): format, exactness, errors, quality, 8da4w."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from export.quantize import (
+from edgellm.quantization import (
     QuantizedWeight,
     Quantization,
     apply_reference,
@@ -17,7 +17,7 @@ from export.quantize import (
     quantize_weight,
     rtn_torchao,
 )
-from export.recipes import QuantConfig
+from edgellm.recipes import QuantConfig
 
 
 def _rand_weight(rows=64, cols=256, seed=0):
@@ -102,7 +102,7 @@ def test_search_not_worse_than_rtn_random(symmetric):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_search_not_worse_than_rtn_real(smollm2, symmetric):
     for name in ("layers.0.self_attn.q_proj.weight", "layers.5.mlp.down_proj.weight"):
-        w = smollm2.state[name]
+        w = smollm2.weights[name]
         s_rtn = _sse(quantize_weight(w, 32, symmetric, scale_search=False), w)
         s_srch = _sse(quantize_weight(w, 32, symmetric, scale_search=True), w)
         assert (s_srch <= s_rtn * (1 + 1e-6) + 1e-12).all()
@@ -156,7 +156,7 @@ def test_reference_weights_equal_torchao_and_tying(smollm2, smollm2_quant):
         ref = dequantize_affine(qw.codes, (1, qw.group_size), qw.scales, qw.zero_points, torch.int8, -8, 7)
         assert torch.equal(params[name].data, ref), name
     # non-quantized parameters untouched
-    assert torch.equal(params["norm.weight"].data, smollm2.state["norm.weight"])
+    assert torch.equal(params["norm.weight"].data, smollm2.weights["norm.weight"])
 
 
 def _ppl(model, tokens):
@@ -169,7 +169,7 @@ def _ppl(model, tokens):
 @pytest.fixture(scope="module")
 def held_tokens(heldout_text):
     """The FIELD_NOTES protocol: the first 2048 tokens of the US constitution, one window."""
-    from runtime.tokenizer import load_tokenizer
+    from edgellm.tokenizer import load_tokenizer
 
     ids = load_tokenizer("smollm2-135m").encode(heldout_text)[:2048]
     return torch.tensor(ids, dtype=torch.long)
@@ -178,9 +178,9 @@ def held_tokens(heldout_text):
 def _at_capacity(loaded, n):
     from dataclasses import replace
 
-    from export.loading import LoadedModel
+    from edgellm.model import LoadedModel
 
-    return LoadedModel(loaded.recipe, replace(loaded.config, max_seq_len=n), loaded.state, loaded.weights)
+    return LoadedModel(loaded.recipe, replace(loaded.config, max_seq_len=n), loaded.weights)
 
 
 def test_int4_perplexity_close_to_fp32(smollm2, smollm2_quant, held_tokens):

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from export import load_decoder
-from export.decoder import Decoder
-from export.recipes import RECIPES_DIR, RecipeError, available_recipes, load_recipe, parse_recipe
-from test_decoder import TOL, full, hf_dict, hf_logits, hf_model, maxdiff, tokens
+from edgellm.decoder import Decoder
+from edgellm.recipes import RECIPES_DIR, RecipeError, available_recipes, load_recipe, parse_recipe
+from helpers import TOL, full, hf_dict, hf_logits, hf_model, maxdiff, tokens
 
 RECIPES = available_recipes()
 # Real forwards for recipes whose one-layer model is small; the 4B/7B/13B recipes (0.27-1.35 B
@@ -61,7 +61,7 @@ def test_recipe_builds_and_runs(name, request):
     if rec.checkpoint is not None:
         # the embedded default ships trained weights: reuse the session's loaded copy (conftest)
         loaded = request.getfixturevalue("smollm2")
-        assert loaded.recipe.name == name and loaded.weights.endswith(".gguf")
+        assert loaded.recipe.name == name and loaded.origin.endswith(".gguf")
         model = loaded.decoder()
         assert model.config.n_layers == rec.architecture["n_layers"]
     else:
@@ -130,9 +130,9 @@ VALIDATION = {
     "unknown tokenizer field": (
         lambda d: d["tokenizer"].update(vocab_file="x.model"),
         ["'vocab_file'", "tokenizer", "valid fields: asset, path, source"]),
-    "bad target": (
-        lambda d: d.update(targets=["executorch", "tflite"]),
-        ["target 'tflite'", "executorch, onnx, coreml"]),
+    "targets not a list": (
+        lambda d: d.update(targets="executorch"),
+        ["targets must be a non-empty list"]),
     "unknown quantization field": (
         lambda d: d["quantization"].update(bits=3),
         ["'bits'", "quantization", "valid fields:", "group_size", "scheme"]),
@@ -206,7 +206,7 @@ def test_checkpoint_folder_without_recipe(tmp_path):
     assert rec.architecture is None and rec.name == tmp_path.name
     assert rec.tokenizer == {"source": "hf", "path": str(tmp_path)}
     assert rec.bos_id == 5 and rec.eos_ids == [6, 7]
-    assert set(rec.targets) == {"executorch", "onnx", "coreml"}
+    assert rec.targets is None  # --target all: every registered target
     toks = tokens(40)
     assert maxdiff(full(model, toks), hf_logits(hf, toks)) <= TOL
 
@@ -221,3 +221,16 @@ def test_checkpoint_with_recipe_takes_architecture_from_checkpoint(tmp_path):
     assert model.config.max_seq_len == load_recipe("tiny").max_seq_len  # the recipe's cache capacity
     toks = tokens(40)
     assert maxdiff(full(model, toks), hf_logits(hf, toks)) <= TOL
+
+
+def test_unknown_target_in_a_recipe_is_refused_before_export(tmp_path):
+    """Target names are checked against the registered targets when an export starts."""
+    from edgellm.model import resolve_model
+    from export.pipeline import resolve_targets
+
+    data = _mutate(lambda d: d.update(targets=["executorch", "tflite"]))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    loaded = resolve_model(recipe=str(path))
+    with pytest.raises(ValueError, match="unknown target 'tflite'; valid: coreml, executorch, onnx"):
+        resolve_targets("all", loaded)

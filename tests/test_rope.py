@@ -19,10 +19,10 @@ import math
 import pytest
 import torch
 
-from export.config import config_from_hf
-from export.decoder import Decoder
-from export.rope import RopeConfig, frozen_note, inv_freq_and_scale, rope_tables
-from test_decoder import TOL, full, hf_dict, hf_logits, hf_model, maxdiff, ours_from_hf, tokens
+from edgellm.architectures import config_from_hf
+from edgellm.decoder import Decoder
+from edgellm.rope import RopeConfig, frozen_note, inv_freq_and_scale, rope_tables
+from helpers import TOL, full, hf_dict, hf_logits, hf_model, maxdiff, ours_from_hf, tokens
 
 SEQ = 128  # 4x the original context of 32
 

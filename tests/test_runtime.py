@@ -100,7 +100,12 @@ def test_noise_floor_of_a_float_reference_is_float_rounding(tiny_eager):
     ids = tiny_eager.tokenizer.encode("We the People of the United States, in Order to form a more perfect Union")
     floor = noise_floor(tiny_eager, ids, 4)
     assert floor.top1_rate == 1.0 and floor.max_rel < 1e-5 and floor.mean_kl < 1e-9
-    assert noise_floor(object(), ids, 4) is None  # not an eager backend: no floor
+    from runtime.backend import Capabilities
+
+    class Fixed:  # a backend that declares no perturbation support gets no floor
+        capabilities = Capabilities()
+
+    assert noise_floor(Fixed(), ids, 4) is None
     tiny_eager.reset()
     plain = tiny_eager.prefill(ids[:4])
     with tiny_eager.perturbed(1e-2):

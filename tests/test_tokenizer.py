@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_corpus import CORPUS  # noqa: E402
 
-from runtime import tokenizer_builders as tb  # noqa: E402
-from runtime.assets import fetch  # noqa: E402
-from runtime.tokenizer import (CHATML, SMOLLM2_CHAT, XGEN_INST, XVERSE_CHAT, Tokenizer,  # noqa: E402
-                               load_tokenizer, render_chat)
+from edgellm.tokenizer import builders as tb  # noqa: E402
+from edgellm.assets import fetch  # noqa: E402
+from helpers import SMOLLM2_CHAT, XGEN_INST, XVERSE_CHAT  # noqa: E402
+from edgellm.tokenizer import load_tokenizer  # noqa: E402
+from edgellm.tokenizer.core import CHATML, Tokenizer, render_chat  # noqa: E402
 
 tokenizers = pytest.importorskip("tokenizers")
 RT = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -448,14 +449,15 @@ def test_load_tokenizer_specs(gguf_path, trained_json):
 
 
 def test_gguf_unknown_pre_is_refused(gguf_path, monkeypatch):
-    real = tb._gguf_fields
-    monkeypatch.setattr(tb, "_gguf_fields", lambda p: {**real(p), "tokenizer.ggml.pre": "deepseek-llm"})
+    from edgellm import gguf_file
+    real = gguf_file.read_fields
+    monkeypatch.setattr(gguf_file, "read_fields", lambda p: {**real(p), "tokenizer.ggml.pre": "deepseek-llm"})
     with pytest.raises(ValueError, match="deepseek-llm"):
         tb.build_from_gguf(gguf_path)
 
 
 def test_load_tokenizer_recipe():
-    recipes = pytest.importorskip("export.recipes")
+    recipes = pytest.importorskip("edgellm.recipes")
     names = recipes.available_recipes()
     if not names:
         pytest.skip("no recipes yet")
@@ -470,7 +472,7 @@ def test_load_tokenizer_recipe():
 @pytest.mark.parametrize("name, const", [("smollm2-135m", SMOLLM2_CHAT), ("xgen-7b-8k-inst", XGEN_INST),
                                          ("xverse-7b-chat", XVERSE_CHAT)])
 def test_recipe_chat_templates_match_constants(name, const):
-    recipes = pytest.importorskip("export.recipes")
+    recipes = pytest.importorskip("edgellm.recipes")
     if name not in recipes.available_recipes():
         pytest.skip(f"recipe {name} not written yet")
     assert recipes.load_recipe(name).chat_template == const

@@ -2,7 +2,7 @@
 //
 // Read top to bottom: options, the artifact (manifest + tokenizer + .pte), the model call,
 // the sampler, the generation loop. The artifact directory is what `python -m export
-// executorch --variant portable` writes:
+// executorch --flavour portable` writes:
 //   manifest.json         target, max_seq_len, eos_ids, chat_template, "artifact": "model.pte"
 //   model.pte             method forward(tokens int64[1,T], input_pos int64[T]) -> logits
 //                         float32[1,T,V]; the KV cache lives inside the program and persists
@@ -128,9 +128,9 @@ static Json read_manifest(const std::string& dir) {
     fail("'" + dir + "' is a " + target + " artifact; edgellm_run needs an ExecuTorch one (export with target executorch)");
   const Json& et = m["executorch"];
   bool custom = et["custom_ops"].kind == Json::Bool && et["custom_ops"].b;
-  if (custom || m["variant"].str == "fast" || et["variant"].str == "fast")
+  if (custom || m["flavour"].str == "fast" || et["flavour"].str == "fast")
     fail("'" + dir + "' is the 'fast' ExecuTorch flavour, whose llama:: custom ops the stock runtime lacks; "
-         "re-export with --variant portable");
+         "re-export with --flavour portable");
   if (m["max_seq_len"].kind != Json::Number || m["artifact"].kind != Json::String)
     fail(dir + "/manifest.json lacks max_seq_len or artifact; re-export the artifact");
   return m;

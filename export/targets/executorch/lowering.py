@@ -2,7 +2,7 @@
 
 One method ``forward(tokens int64[1, T], input_pos int64[T]) -> logits float32[1, T, vocab]``
 with a dynamic T (1..capacity-1) serves prefill and decode; the KV cache is a set of mutable
-buffers that persist between calls. Two flavours of the same decoder (``job.variant``):
+buffers that persist between calls. Two flavours of the same decoder (``FLAVOURS``):
 
 - ``portable``: only standard ATen ops, formulated so that XNNPACK takes nearly everything
   (RMSNorm mean as a matmul, RoPE rows and the causal mask from float arithmetic, GQA by
@@ -25,23 +25,31 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.decoder import Decoder, DecoderOptions
+from edgellm.decoder import Decoder
+from edgellm.tokenizer import Tokenizer, runner_json
+from export.targets import Flavour
+from export.transforms import Transform
 
 PTE_FILE = "model.pte"
-VARIANTS = ("portable", "fast")
-OPTIONS = {
-    "portable": DecoderOptions(cache_update="index_copy", attention="bmm", norm="matmul", rope_lookup="onehot",
-                               rope_rotate="linear", mask_build="arith", mask_value=-1e30),
-    "fast": DecoderOptions(cache_update="custom_op", attention="custom_sdpa", norm="matmul", rope_lookup="onehot",
-                           rope_rotate="linear"),
-}
+RUNNER_TOKENIZER = "tokenizer.json"  # what ExecuTorch's TextLLMRunner reads (edgellm.tokenizer.runner_json)
+_XNNPACK_FORMULATION = (Transform("rmsnorm_as_matmul"), Transform("rope_rows_onehot"), Transform("rope_rotate_linear"))
+FLAVOURS = (
+    Flavour("portable", "standard ATen ops only, nearly all delegated to XNNPACK; runs in the plain C++ runtime",
+            _XNNPACK_FORMULATION + (Transform("mask_arithmetic", {"value": -1e30}), Transform("attention_folded_bmm")),
+            {"partitioners": ("xnnpack",), "custom_ops": False}),
+    Flavour("fast", "ExecuTorch's LLM custom ops (update_cache, custom_sdpa); needs their kernels at runtime",
+            _XNNPACK_FORMULATION + (Transform("executorch_llm_ops"),),
+            {"partitioners": ("xnnpack",), "custom_ops": True}),
+)
 
 
-def variant_of(job) -> str:
-    variant = job.variant or "portable"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown ExecuTorch variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    return variant
+def _xnnpack():
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return XnnpackPartitioner()
+
+
+PARTITIONERS = {"xnnpack": _xnnpack}  # a flavour names its partitioners; a new delegate adds one entry
 
 
 # ---- the shared int4 quantization as torchao tensor subclasses ----
@@ -60,7 +68,7 @@ def intx_tensor(qw, dynamic_activations: bool):
     scales = qw.scales.to(torch.float32)
     if not torch.equal(scales.to(torch.bfloat16).to(torch.float32), scales):
         raise ValueError("int4 scales are not exact in bf16, which XNNPACK stores them as: the lowering would "
-                         "round them a second time (quantize with export.quantize, whose scales are)")
+                         "round them a second time (quantize with edgellm.quantization, whose scales are)")
     act = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if dynamic_activations else None
     return IntxUnpackedToInt8Tensor(codes, scales, torch.zeros(scales.shape, dtype=torch.int8), torch.int4,
                                     (1, qw.group_size), torch.float32, act)
@@ -90,7 +98,7 @@ def attach_quantization(model: Decoder, quant) -> list[str]:
 
 # ---- export ----
 
-def constant_methods(job, variant: str) -> dict:
+def constant_methods(job) -> dict:
     """Metadata ExecuTorch's LLM runner (TextLLMRunner) reads from the program."""
     cfg, rec = job.loaded.config, job.loaded.recipe
     return {
@@ -101,7 +109,7 @@ def constant_methods(job, variant: str) -> dict:
         "get_bos_id": rec.bos_id if rec.bos_id is not None else -1,
         "get_eos_ids": list(rec.eos_ids),
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": variant == "fast",
+        "use_sdpa_with_kv_cache": bool(job.flavour.options["custom_ops"]),
         "enable_dynamic_shape": True,
     }
 
@@ -114,14 +122,13 @@ def export_program(model: Decoder, max_seq_len: int):
         return torch.export.export(model, example, dynamic_shapes=({1: T}, {0: T}), strict=False)
 
 
-def lower_program(ep, constants: dict):
-    """XNNPACK partitioning -> ExecuTorch program (cache write made in-place)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+def lower_program(ep, constants: dict, partitioners=("xnnpack",)):
+    """Partitioning (XNNPACK by default) -> ExecuTorch program (cache write made in-place)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.dialects._ops import ops
     from executorch.exir.passes import MemoryPlanningPass
 
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=constants,
+    edge = to_edge_transform_and_lower(ep, partitioner=[PARTITIONERS[p]() for p in partitioners], constant_methods=constants,
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
     et = edge.to_executorch(ExecutorchBackendConfig(
         passes=[], do_quant_fusion_and_const_prop=True,  # torchao dequantize_affine+embedding -> embedding_4bit
@@ -145,12 +152,8 @@ def delegation_census(ep) -> dict:
 
 
 def exported_program(job):
-    """The program handed to lowering: (ExportedProgram, options, variant, quantized names)."""
-    variant = variant_of(job)
-    if variant == "fast":
-        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::*)
-    opts = OPTIONS[variant]
-    model = job.decoder(opts)
+    """The program handed to lowering: (ExportedProgram, decoder, quantized names)."""
+    model = job.decoder()
     quantized = []
     if job.quant is not None:
         quantized = attach_quantization(model, job.quant)
@@ -158,30 +161,24 @@ def exported_program(job):
     t = time.time()
     ep = export_program(model, job.loaded.config.max_seq_len)
     job.progress(f"executorch: torch.export in {time.time() - t:.1f}s")
-    return ep, opts, variant, quantized
+    return ep, model, quantized
 
 
 def lower(job) -> Path:
-    cfg = job.loaded.config
-    ep, opts, variant, quantized = exported_program(job)
+    cfg, flavour = job.loaded.config, job.flavour
+    ep, model, quantized = exported_program(job)
     t = time.time()
-    et, census = lower_program(ep, constant_methods(job, variant))
+    et, census = lower_program(ep, constant_methods(job), flavour.options["partitioners"])
     outside = ", ".join(f"{k} x{v}" for k, v in census["outside"].items()) or "none"
-    job.progress(f"executorch: lowered in {time.time() - t:.1f}s; {census['delegates']} XNNPACK delegate calls; "
+    job.progress(f"executorch: lowered in {time.time() - t:.1f}s; {census['delegates']} delegate calls; "
                  f"ops outside delegates: {outside}")
     with job.writer() as w:
         w.path(PTE_FILE).write_bytes(et.buffer)
         job.write_tokenizer(w)
-        from runtime import tokenizer_json
-        from runtime.tokenizer import Tokenizer
-
-        tokenizer_json.write(Tokenizer.load(w.dir), w.dir)  # for ExecuTorch's TextLLMRunner
-        manifest = job.manifest(PTE_FILE, opts, executorch={
-            "variant": variant, "method": "forward", "dynamic_tokens": [1, cfg.max_seq_len - 1],
-            "custom_ops": variant == "fast", "quantized_weights": len(quantized),
-            "linear_scheme": "8da4w" if quantized else "fp32", "delegation": census,
-            "runner_tokenizer": RUNNER_TOKENIZER})
+        runner_json.write(Tokenizer.load(w.dir), w.dir)  # as read back, for ExecuTorch's TextLLMRunner
+        manifest = job.manifest(PTE_FILE, model.transforms, executorch={
+            "flavour": flavour.name, "method": "forward", "dynamic_tokens": [1, cfg.max_seq_len - 1],
+            "custom_ops": bool(flavour.options["custom_ops"]), "partitioners": list(flavour.options["partitioners"]),
+            "quantized_weights": len(quantized), "linear_scheme": "8da4w" if quantized else "fp32",
+            "delegation": census, "runner_tokenizer": RUNNER_TOKENIZER})
         return w.commit(manifest)
-
-
-RUNNER_TOKENIZER = "tokenizer.json"  # what ExecuTorch's TextLLMRunner reads (see runtime.tokenizer_json)

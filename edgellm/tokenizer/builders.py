@@ -15,7 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from runtime.tokenizer import CHATML, Tokenizer, read_tiktoken_ranks
+from edgellm import gguf_file
+from edgellm.tokenizer.core import CHATML, Tokenizer, read_tiktoken_ranks
 
 # ---- pre-tokenizer patterns (all accepted by tiktoken's fancy-regex and valid JS with /u) ----
 
@@ -90,7 +91,7 @@ GPT2_ENDOFTEXT = 50256
 
 def gpt2_ranks() -> dict[bytes, int]:
     """GPT-2's 50,256 ranks from the sha256-verified asset (no tiktoken download)."""
-    from runtime.assets import fetch
+    from edgellm.assets import fetch
     ranks = read_tiktoken_ranks(fetch("gpt2.tiktoken"))
     if len(ranks) != 50256 or sorted(ranks.values()) != list(range(50256)):
         raise ValueError("gpt2.tiktoken does not hold ranks 0..50255; the asset is not GPT-2's")
@@ -187,48 +188,6 @@ def bpe_to_ranks(vocab: dict[bytes, int], merges: list[tuple[bytes, bytes]], *,
 
 # ---- GGUF ----
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def _gguf_fields(path: Path) -> dict[str, Any]:
-    """The GGUF key/value header only (gguf.GGUFReader also maps every tensor: ~10x slower)."""
-    import struct
-
-    with open(path, "rb") as f:
-        head = f.read(24)
-        if len(head) < 24 or head[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic); pass a .gguf model file")
-        version, _n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3 are)")
-
-        def read(fmt):
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def string():
-            return f.read(read("<Q")).decode("utf-8", errors="surrogateescape")
-
-        def value(vtype):
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                itype, n = read("<I"), read("<Q")
-                if itype in _GGUF_SCALARS:
-                    fmt = _GGUF_SCALARS[itype]
-                    size = struct.calcsize(fmt)
-                    return list(struct.unpack(f"<{n}{fmt[1]}", f.read(size * n)))
-                return [value(itype) for _ in range(n)]
-            if vtype in _GGUF_SCALARS:
-                return read(_GGUF_SCALARS[vtype])
-            raise ValueError(f"{path}: unknown GGUF value type {vtype}; the file is corrupt or newer than edgellm")
-
-        out = {}
-        for _ in range(n_kv):
-            key = string()
-            out[key] = value(read("<I"))
-        return out
-
-
 def chat_template_from_jinja(jinja: str | None) -> dict[str, Any] | None:
     """Recognize a ChatML Jinja template (and a literal default system turn); else None."""
     if not jinja or "<|im_start|>" not in jinja or "<|im_end|>" not in jinja:
@@ -242,7 +201,7 @@ def chat_template_from_jinja(jinja: str | None) -> dict[str, Any] | None:
 def build_from_gguf(path: str | Path) -> Tokenizer:
     """A GGUF's embedded byte-level BPE (tokenizer.ggml.model == gpt2) -> Tokenizer."""
     path = Path(path)
-    kv = _gguf_fields(path)
+    kv = gguf_file.read_fields(path)
     where = path.name
     model = kv.get("tokenizer.ggml.model")
     if model != "gpt2":

@@ -7,19 +7,13 @@ the position; ``CachedBackend`` refuses writes past the capacity before the prog
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
+from typing import Any
 
-# torch's OpenMP workers spin against XNNPACK's threadpool (2-thread decode 231 -> 81 tok/s);
-# effective only if torch is not imported yet -- set it in the environment of the process.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np
+import torch
 
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from runtime.backend import CachedBackend  # noqa: E402
+from runtime.backend import Backend, BackendOptions, Capabilities, register
 
 
 def pool_size() -> int:
@@ -51,7 +45,11 @@ def load_program(pte: Path, custom_ops: bool):
     return _load_for_executorch(str(pte))
 
 
-class ExecuTorchBackend(CachedBackend):
+@register
+class ExecuTorchBackend(Backend):
+    kind = "executorch"
+    accepts = frozenset({"tokenizer", "threads"})
+
     def __init__(self, pte: Path, tokenizer, max_seq_len: int, vocab_size: int, name: str = "executorch",
                  threads: int | None = None, custom_ops: bool = False, activation_quantization: str | None = None):
         self.pte = Path(pte)
@@ -80,17 +78,15 @@ class ExecuTorchBackend(CachedBackend):
         """Nothing to clear: every slot at or after the new position is masked (portable) or not
         read (custom_sdpa reads 0..pos) until it has been rewritten."""
 
-    @classmethod
-    def from_artifact(cls, directory: Path, manifest: dict[str, Any], threads: int | None = None,
-                      **kw) -> "ExecuTorchBackend":
-        from runtime.tokenizer import Tokenizer
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(activation_quantization=self.activation_quantization, threads=True)
 
-        directory = Path(directory)
+    @classmethod
+    def from_artifact(cls, directory: Path, manifest: dict[str, Any], tokenizer,
+                      options: BackendOptions) -> "ExecuTorchBackend":
         et = manifest.get("executorch", {})
-        tokenizer = kw.pop("tokenizer", None) or Tokenizer.load(directory)
-        if kw:
-            raise TypeError(f"unknown ExecuTorch backend option(s): {', '.join(kw)}; valid: threads, tokenizer")
         return cls(directory / manifest["artifact"], tokenizer, int(manifest["max_seq_len"]),
-                   int(manifest["vocab_size"]), name=manifest.get("name", "executorch"), threads=threads,
+                   int(manifest["vocab_size"]), name=manifest.get("name", "executorch"), threads=options.threads,
                    custom_ops=bool(et.get("custom_ops")),
                    activation_quantization="int8-token-asym" if et.get("linear_scheme") == "8da4w" else None)

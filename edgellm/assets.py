@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.artifact import sha256_file
+from edgellm.artifact import sha256_file
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,6 @@ def fetch_all(progress=print) -> dict[str, Path]:
     return out
 
 
-if __name__ == "__main__":  # python -m runtime.assets
+if __name__ == "__main__":  # python -m edgellm.assets
     for n, p in fetch_all().items():
         print(f"{n}: {p}")

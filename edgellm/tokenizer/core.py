@@ -1,7 +1,7 @@
 """The one tokenizer every edgellm artifact carries: byte-level BPE run by tiktoken.
 
 Every supported source (XGen's tiktoken ranks, a GGUF's embedded BPE, an HF tokenizer.json)
-is converted once by ``runtime.tokenizer_builders`` into the same two files, so the runtime
+is converted once by ``edgellm.tokenizer.builders`` into the same two files, so the runtime
 never needs transformers/sentencepiece and JS/Swift/Kotlin ports only need tiktoken's format:
 
 - ``tokenizer.tiktoken``: ``base64(token bytes) rank`` per line (ranks = ids; gaps only where
@@ -24,11 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-# tiktoken must never reach for the network or a shared cache: we only build Encodings
-# from local ranks, but set this before tiktoken is imported anywhere through us.
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
-
-import tiktoken  # noqa: E402
+import tiktoken  # edgellm's package import has set TIKTOKEN_CACHE_DIR (see edgellm.env)
 
 FORMAT_VERSION = 1
 RANKS_FILE = "tokenizer.tiktoken"
@@ -44,26 +40,6 @@ CHATML: dict[str, Any] = {
     "assistant": "<|im_start|>assistant\n{content}<|im_end|>\n",
     "generation_prompt": "<|im_start|>assistant\n",
 }
-SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-SMOLLM2_CHAT: dict[str, Any] = {**CHATML, "default_system": SMOLLM2_DEFAULT_SYSTEM}
-
-XGEN_INST: dict[str, Any] = {
-    "header": ("A chat between a curious human and an artificial intelligence assistant. "
-               "The assistant gives helpful, detailed, and polite answers to the human's questions.\n\n"),
-    "default_system": None,
-    "user": "### Human: {content}\n",
-    "assistant": "### Assistant: {content}\n",
-    "generation_prompt": "### Assistant:",
-}
-
-XVERSE_CHAT: dict[str, Any] = {
-    "header": "",
-    "default_system": None,
-    "user": "Human: {content}\n\n",
-    "assistant": "Assistant: {content}</s>",
-    "generation_prompt": "Assistant: ",
-}
-
 _TEMPLATE_KEYS = ("header", "default_system", "system", "user", "assistant", "generation_prompt")
 
 
@@ -305,63 +281,3 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
         except ValueError:
             raise ValueError(f"{path}:{n} is not 'base64 rank'; the rank file is corrupt") from None
     return ranks
-
-
-# ---- loading from any spec ----
-
-def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """Tokenizer from an artifact dir, a checkpoint dir/tokenizer.json, a .gguf, or a recipe name/path.
-
-    Loading never builds a model. Recipes contribute their chat template and bos/eos ids.
-    """
-    from runtime import tokenizer_builders as tb
-
-    p = Path(spec)
-    if p.is_dir() and (p / RANKS_FILE).exists():
-        return Tokenizer.load(p)
-    if p.is_dir() and (p / "tokenizer.json").exists():
-        return tb.build_from_hf_json(p / "tokenizer.json")
-    if p.is_file() and p.suffix == ".gguf":
-        return tb.build_from_gguf(p)
-    if p.is_file() and p.name.endswith(".json") and p.suffix != ".yaml":
-        return tb.build_from_hf_json(p)
-    if p.is_dir():
-        raise ValueError(f"{p} has neither {RANKS_FILE} nor tokenizer.json; pass an artifact "
-                         f"directory, a checkpoint folder, a .gguf file or a recipe name")
-    try:
-        from export.recipes import load_recipe
-    except ImportError as e:
-        raise ValueError(f"{spec!r} is not a tokenizer path and recipes are unavailable ({e})") from None
-    recipe = load_recipe(str(spec))
-    tok = tokenizer_from_source(recipe.tokenizer)
-    if getattr(recipe, "chat_template", None) is not None:
-        tok.chat_template = dict(recipe.chat_template)
-    if getattr(recipe, "bos_id", None) is not None:
-        tok.bos_id = recipe.bos_id
-    if getattr(recipe, "eos_ids", None):
-        tok.eos_ids = list(recipe.eos_ids)
-    tok.source = f"recipe:{recipe.name} ({tok.source})"
-    return tok
-
-
-def tokenizer_from_source(src: dict[str, Any]) -> Tokenizer:
-    """Build from a recipe's ``tokenizer`` mapping: {source: xgen | gguf (asset|path) | hf (path)}."""
-    from runtime import tokenizer_builders as tb
-
-    kind = src.get("source")
-    if kind == "xgen":
-        return tb.build_xgen()
-    if kind == "gguf":
-        if src.get("asset"):
-            from runtime.assets import fetch
-            return tb.build_from_gguf(fetch(src["asset"]))
-        if src.get("path"):
-            return tb.build_from_gguf(Path(src["path"]).expanduser())
-        raise ValueError("tokenizer source gguf needs 'asset' or 'path'; add one to the recipe")
-    if kind == "hf":
-        if not src.get("path"):
-            raise ValueError("tokenizer source hf needs 'path' (a checkpoint folder or tokenizer.json); "
-                             "pass the checkpoint folder instead of the recipe")
-        path = Path(src["path"]).expanduser()
-        return tb.build_from_hf_json(path / "tokenizer.json" if path.is_dir() else path)
-    raise ValueError(f"unknown tokenizer source {kind!r}; use xgen, gguf or hf")

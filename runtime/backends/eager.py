@@ -2,7 +2,7 @@
 
 This is the reference every artifact is measured against. ``reference_for(manifest)``
 rebuilds exactly the model an artifact was exported from (same recipe, weights, capacity
-and, for int4, the same shared quantization).
+and, for int4, the same shared quantization), from the shared core alone.
 """
 
 from __future__ import annotations
@@ -15,10 +15,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.backend import CachedBackend
+from edgellm.model import LoadedModel, model_from_manifest, resolve_model
+from edgellm.quantization import Quantization, activation_scheme, apply_reference, quantize
+from runtime.backend import Backend, BackendOptions, Capabilities, register
 
 
-class EagerBackend(CachedBackend):
+def quantize_model(loaded: LoadedModel) -> Quantization:
+    """The shared int4 quantization of ``loaded`` with its recipe's settings."""
+    return quantize(loaded.weights, loaded.recipe.quantization, tied=loaded.config.tie_embeddings)
+
+
+@register
+class EagerBackend(Backend):
+    kind = "eager"
+    accepts = frozenset({"tokenizer", "threads", "max_seq_len", "seed", "n_layers"})
+
     def __init__(self, model, tokenizer, name: str = "eager", threads: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -28,6 +39,8 @@ class EagerBackend(CachedBackend):
         # runtime sets OMP_NUM_THREADS=1 for XNNPACK/ORT; eager PyTorch still uses every core.
         self.threads = threads or os.cpu_count() or 1
         self.pos = 0
+        self.activation_quantization: str | None = None
+        self.quantization: Quantization | None = None
 
     @torch.no_grad()
     def _forward(self, ids: list[int], start: int) -> np.ndarray:
@@ -58,19 +71,22 @@ class EagerBackend(CachedBackend):
         finally:
             handle.remove()
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(activation_quantization=self.activation_quantization, perturbation=True, threads=True)
+
+    @classmethod
+    def from_artifact(cls, directory, manifest, tokenizer, options):
+        raise ValueError("eager PyTorch runs no artifact; use eager:RECIPE_OR_CHECKPOINT")
+
     @classmethod
     def from_loaded(cls, loaded, int4: bool = False, quantization=None, dynamic_activations: bool | str = False,
-                    options=None, tokenizer=None, threads: int | None = None) -> "EagerBackend":
-        model = loaded.decoder(options)
-        from export.quantize import activation_scheme
-
+                    tokenizer=None, threads: int | None = None) -> "EagerBackend":
+        model = loaded.decoder()
         label = "fp32"
         quant = None
         if int4:
-            from export.pipeline import quantize_for
-            from export.quantize import apply_reference
-
-            quant = quantization or quantize_for(loaded, "int4", progress=lambda s: None)
+            quant = quantization or quantize_model(loaded)
             apply_reference(model, quant, dynamic_activations=dynamic_activations)
             scheme = activation_scheme(dynamic_activations)
             label = "int4" + (f"+{scheme}" if scheme else "")
@@ -82,29 +98,25 @@ class EagerBackend(CachedBackend):
         return backend
 
     @classmethod
-    def from_spec(cls, what: str | None, int4: bool = False, max_seq_len: int | None = None,
-                  seed: int = 0, n_layers: int | None = None, **kw) -> "EagerBackend":
-        from export.loading import resolve_model
-
+    def from_spec(cls, what: str | None, int4: bool = False, options: BackendOptions = BackendOptions()):
         checkpoint = recipe = None
         if what and (Path(what).is_dir() or what.endswith(".gguf")):
             checkpoint = what
         else:
             recipe = what
-        loaded = resolve_model(checkpoint, recipe, max_seq_len=max_seq_len, seed=seed, n_layers=n_layers)
-        return cls.from_loaded(loaded, int4=int4, **kw)
+        loaded = resolve_model(checkpoint, recipe, max_seq_len=options.max_seq_len, seed=options.seed,
+                               n_layers=options.n_layers)
+        return cls.from_loaded(loaded, int4=int4, tokenizer=options.tokenizer, threads=options.threads)
 
     @classmethod
     def reference_for(cls, manifest: dict[str, Any], int4: bool | None = None, **kw) -> "EagerBackend":
         """The eager model an artifact was exported from (``int4`` defaults to the artifact's)."""
-        loaded = loaded_from_manifest(manifest)
+        loaded = model_from_manifest(manifest)
         recorded = manifest.get("quantization", {})
         if int4 is None:
             int4 = recorded.get("scheme", "none") != "none"
         if int4 and "quantization" not in kw:
-            from export.pipeline import quantize_for
-
-            quant = quantize_for(loaded, "int4", progress=lambda s: None)
+            quant = quantize_model(loaded)
             digest = quant.summary().get("sha256")
             if recorded.get("sha256") and digest != recorded["sha256"]:
                 raise ValueError(f"artifact {manifest.get('name')} carries a different int4 quantization than "
@@ -113,27 +125,3 @@ class EagerBackend(CachedBackend):
             kw["quantization"] = quant
         return cls.from_loaded(loaded, int4=int4, **kw)
 
-
-def loaded_from_manifest(manifest: dict[str, Any]):
-    """Rebuild the LoadedModel recorded in an artifact manifest."""
-    import re
-
-    from export import checkpoints
-    from export.config import ModelConfig
-    from export.loading import LoadedModel, _load_checkpoint
-    from export.recipes import parse_recipe
-
-    recipe = parse_recipe(manifest["recipe"], origin=f"manifest of {manifest.get('name')}")
-    cfg = ModelConfig.from_dict(manifest["config"])
-    weights = manifest["weights"]
-    m = re.fullmatch(r"random\(seed=(\d+)\)", weights)
-    if m:
-        state = checkpoints.random_state(cfg, int(m.group(1)))
-    else:
-        if not Path(weights).exists():
-            raise FileNotFoundError(f"the artifact was exported from {weights}, which is not on this machine; "
-                                    f"pass --reference eager:CHECKPOINT explicitly")
-        _, state = _load_checkpoint(Path(weights), cfg.max_seq_len)
-        state = {k: v for k, v in state.items()
-                 if not k.startswith("layers.") or int(k.split(".")[1]) < cfg.n_layers}
-    return LoadedModel(recipe, cfg, state, weights)

@@ -14,21 +14,22 @@ from typing import Any
 
 import yaml
 
-from export.config import ModelConfig
-from export.rope import RopeConfig
+from edgellm.errors import RecipeError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+from edgellm.config import ModelConfig
+from edgellm.rope import RopeConfig
+
+# The YAML files live in the top-level recipes/ folder; edgellm/recipes links to it, so the same
+# path serves a checkout and an installed wheel (which carries the files as package data).
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "smollm2-135m"
-TARGETS = ("executorch", "onnx", "coreml")
 
 
-class RecipeError(ValueError):
-    pass
 
 
 @dataclass
 class QuantConfig:
-    """The shared 4-bit quantization every target carries (see export.quantize)."""
+    """The shared 4-bit quantization every target carries (see edgellm.quantization)."""
 
     scheme: str = "int4"  # int4 | none
     group_size: int = 32
@@ -54,7 +55,7 @@ class Recipe:
     max_seq_len: int
     tokenizer: dict[str, Any]
     quantization: QuantConfig
-    targets: list[str]
+    targets: list[str] | None  # what --target all exports; None = every registered target
     chat_template: dict[str, Any] | None
     bos_id: int | None
     eos_ids: list[int]
@@ -76,8 +77,8 @@ class Recipe:
         return d
 
 
-_REQUIRED = ("name", "description", "max_seq_len", "tokenizer", "quantization", "targets", "eos_ids")
-_OPTIONAL = ("architecture", "rope", "chat_template", "bos_id", "checkpoint", "weights_note")
+_REQUIRED = ("name", "description", "max_seq_len", "tokenizer", "quantization", "eos_ids")
+_OPTIONAL = ("architecture", "rope", "chat_template", "bos_id", "checkpoint", "weights_note", "targets")
 _ARCH_FIELDS = {f.name for f in fields(ModelConfig)} - {"max_seq_len", "rope"}
 _ROPE_FIELDS = {f.name for f in fields(RopeConfig)}
 _QUANT_FIELDS = {f.name for f in fields(QuantConfig)}
@@ -116,9 +117,11 @@ def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
                     {"user", "assistant", "generation_prompt"})
     if data.get("checkpoint") is not None:
         _check_keys(f"{origin}: checkpoint", data["checkpoint"], {"source", "asset", "path"}, {"source"})
-    bad = [t for t in data["targets"] if t not in TARGETS]
-    if bad:
-        raise RecipeError(f"{origin}: unknown target {bad[0]!r}; valid: {', '.join(TARGETS)}")
+    targets = data.get("targets")
+    if targets is not None and (not isinstance(targets, list) or not targets
+                                or not all(isinstance(t, str) and t for t in targets)):
+        raise RecipeError(f"{origin}: targets must be a non-empty list of target names (the export pipeline "
+                          f"checks the names), got {targets!r}")
     if not isinstance(data["max_seq_len"], int) or data["max_seq_len"] < 2:
         raise RecipeError(f"{origin}: max_seq_len must be an integer ≥ 2, got {data['max_seq_len']!r}")
     if not data["eos_ids"] or not all(isinstance(i, int) for i in data["eos_ids"]):
@@ -130,7 +133,7 @@ def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
     recipe = Recipe(
         name=data["name"], description=data["description"], architecture=arch,
         rope=data.get("rope"), max_seq_len=data["max_seq_len"], tokenizer=tok,
-        quantization=quant, targets=list(data["targets"]),
+        quantization=quant, targets=list(targets) if targets is not None else None,
         chat_template=data.get("chat_template"), bos_id=data.get("bos_id"),
         eos_ids=list(data["eos_ids"]), checkpoint=data.get("checkpoint"),
         weights_note=data.get("weights_note"), path=origin,

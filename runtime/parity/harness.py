@@ -93,7 +93,7 @@ def noise_floor(reference: Backend, ids: list[int], prompt_len: int, ref_logits:
     With int8 dynamic activations (8da4w, MatMulNBits accuracy_level 4) a trained model is
     chaotic: any implementation that differs by one rounding somewhere ends up this far from
     the reference, so agreement figures are judged against this floor (see README)."""
-    if not hasattr(reference, "perturbed"):
+    if not reference.capabilities.perturbation:
         return None
     if ref_logits is None:
         ref_logits = all_logits(reference, ids, prompt_len)
@@ -126,10 +126,7 @@ def perplexity(backend: Backend, ids: list[int]) -> float:
     if len(ids) < 2:
         raise ValueError("perplexity needs at least two tokens")
     backend.reset()
-    if hasattr(backend, "forward_all"):
-        logits = backend.forward_all(ids[:-1])
-    else:
-        logits = all_logits(backend, ids, 1)
+    logits = backend.forward_all(ids[:-1])
     lp = _log_softmax(logits)
     nll = -lp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
     return float(np.exp(nll.mean()))
@@ -226,7 +223,7 @@ def run_parity(candidates: dict[str, Backend], reference: Backend, *, prompts=DE
     floor = None
     if with_noise_floor:
         if progress:
-            progress(f"parity: noise floor of {getattr(reference, 'name', 'reference')}")
+            progress(f"parity: noise floor of {reference.name}")
         for full, plen, ref_logits, _ in forced:
             s = noise_floor(reference, full, plen, ref_logits)
             if s is None:
@@ -253,9 +250,9 @@ def run_parity(candidates: dict[str, Backend], reference: Backend, *, prompts=DE
         ppl_c = perplexity(cand, text_ids) if text_ids else None
         rows.append(ParityRow(name, len(stats.rel), stats.max_abs_all, stats.max_rel, stats.top1_rate,
                               stats.mean_kl, common, total, ppl_c, ppl_ref, time.time() - t,
-                              [float(x) for x in stats.rel], getattr(reference, "name", "reference"),
+                              [float(x) for x in stats.rel], reference.name,
                               floor.top1_rate if floor else None, floor.mean_kl if floor else None))
-    return ParityReport(getattr(reference, "name", "reference"), rows, list(prompts),
+    return ParityReport(reference.name, rows, list(prompts),
                         len(text_ids) if text_ids else None)
 
 

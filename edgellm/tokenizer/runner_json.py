@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.tokenizer import Tokenizer
-from runtime.tokenizer_builders import byte_encoder
+from edgellm.tokenizer.core import Tokenizer
+from edgellm.tokenizer.builders import byte_encoder
 
 FILE = "tokenizer.json"
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ from torchao.quantization.quant_primitives import (
     quantize_affine,
 )
 
-from export.recipes import QuantConfig
+from edgellm.recipes import QuantConfig
 
 SYM_QMIN, SYM_QMAX = -8, 7
 ASYM_QMIN, ASYM_QMAX = 0, 15
@@ -300,7 +301,7 @@ def rtn_torchao(w: torch.Tensor, group_size: int, symmetric: bool = True) -> Qua
 # ----------------------------------------------------------------------------------------------
 
 
-def _importance(state: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+def _importance(state: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
     """Squared gain of the RMSNorm feeding this Linear (None when it is not fed by a norm)."""
     m = re.match(r"^layers\.(\d+)\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$", name)
     norm = None
@@ -312,10 +313,8 @@ def _importance(state: dict[str, torch.Tensor], name: str) -> torch.Tensor | Non
     return None if g is None else g.detach().float() ** 2 + 1e-6
 
 
-USE_IMPORTANCE = True
 
-
-def quantized_names(state: dict[str, torch.Tensor], qcfg: QuantConfig, tied: bool) -> list[str]:
+def quantized_names(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: bool) -> list[str]:
     names = sorted(n for n in state if LINEAR_RE.match(n))
     if tied:
         if qcfg.embedding_bits == 4:
@@ -329,20 +328,21 @@ def quantized_names(state: dict[str, torch.Tensor], qcfg: QuantConfig, tied: boo
 
 
 @torch.no_grad()
-def quantize(state: dict[str, torch.Tensor], qcfg: QuantConfig, tied: bool) -> Quantization:
+def quantize(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: bool) -> Quantization:
     """The shared int4 quantization of a decoder state dict (see the module docstring)."""
     if qcfg.scheme != "int4":
         raise ValueError(f"quantize() needs scheme int4, got {qcfg.scheme!r}")
     names = quantized_names(state, qcfg, tied)
     for n in names:  # fail before doing any work
         src = "embed_tokens.weight" if (tied and n == "lm_head.weight") else n
-        _check_divisible(n, state[src].shape[1], qcfg.group_size)
+        shape = state.shapes[src] if hasattr(state, "shapes") else tuple(state[src].shape)
+        _check_divisible(n, shape[1], qcfg.group_size)
     weights: dict[str, QuantizedWeight] = {}
     for n in names:
         if tied and n == "lm_head.weight":
             weights[n] = weights["embed_tokens.weight"]
             continue
-        imp = _importance(state, n) if USE_IMPORTANCE else None
+        imp = _importance(state, n)
         weights[n] = quantize_weight(state[n], qcfg.group_size, qcfg.symmetric, qcfg.scale_search,
                                      importance=imp, name=n)
     return Quantization(qcfg, weights)

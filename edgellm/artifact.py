@@ -65,6 +65,12 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
+def dir_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def _all_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 

@@ -13,35 +13,42 @@ The traced graph is then rewritten with onnx-ir, never re-derived:
     packed codes and scales written from ``job.quant`` (the shared quantization) -- symmetric
     codes c in [-8, 7] are stored as c + 8 with the ops' default zero point 8; asymmetric codes
     carry their zero points. A tied lm_head and the embedding share one packed tensor.
-  * variant ``fast`` (default): what ORT's CPU kernels reward -- per layer one fused-QKV
+  * flavour ``fast`` (default): what ORT's CPU kernels reward -- per layer one fused-QKV
     ``MatMulNBits`` feeding ``GroupQueryAttention`` (rotary fused, cos/sin tables as caches,
-    past/present sharing one buffer), residual Add + RMSNorm as ``SkipSimplifiedLayerNormalization``.
-  * variant ``portable``: standard opset-23 ops (Attention, RMSNormalization, ScatterElements)
+    past/present sharing one buffer), residual Add + RMSNorm as ``SkipSimplifiedLayerNormalization``
+    (``fusion``: the attention is recognised on the graph's structure, anything else is refused).
+  * flavour ``portable``: standard opset-23 ops (Attention, RMSNormalization, ScatterElements)
     plus the two int4 contrib ops, the set onnxruntime-web (wasm) was seen to run.
 """
 
 from __future__ import annotations
 
 import ast
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from export.decoder import Decoder, DecoderOptions
+from edgellm.decoder import Decoder
+from export.targets import Flavour
+from export.targets.onnx.fusion import fuse_for_ort_cpu
+from export.targets.onnx.graph import (MS, WEIGHTS_KEY, _const_array, _init, _matmul_nbits, _node, _remove_unused,
+                                       _replace)
+from export.transforms import Transform
 
 OPSET = 23
-VARIANTS = ("fast", "portable")
-DEFAULT_VARIANT = "fast"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_ABOVE = 1 << 30  # bytes of weights; protobuf refuses files of 2 GiB and more
 STORED_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (the fast path); runtime may rewrite it
-MS = "com.microsoft"
-WEIGHTS_KEY = "edgellm.weights"  # node metadata: "state-dict name:rows,..." of an int4 node
-TRACE_OPTIONS = DecoderOptions(cache_update="scatter", attention="sdpa_gqa")
+_TRACED = (Transform("cache_scatter"), Transform("attention_gqa"))
+FLAVOURS = (
+    Flavour("fast", "what ORT's CPU kernels reward: fused-QKV MatMulNBits, GroupQueryAttention, "
+                    "SkipSimplifiedLayerNormalization", _TRACED, {"fuse": True}),
+    Flavour("portable", "standard opset-23 ops plus the two int4 contrib ops (onnxruntime-web runs them)",
+            _TRACED, {"fuse": False}),
+)
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -122,44 +129,6 @@ def _nodes_by_scope(graph, op_type: str) -> dict[str, object]:
     return out
 
 
-def _init(graph, name: str, array: np.ndarray):
-    import onnx_ir as ir
-
-    v = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
-                 type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    graph.register_initializer(v)
-    return v
-
-
-def _replace(graph, old, new_node, outputs=None):
-    """Insert ``new_node`` before ``old`` and move the uses (and names) of old's outputs to it."""
-    graph.insert_before(old, new_node)
-    pairs = outputs if outputs is not None else list(zip(old.outputs, new_node.outputs))
-    for o, n in pairs:
-        _replace_value(o, n)
-
-
-def _node(domain: str, op_type: str, inputs, attributes=None, **kw):
-    import onnx_ir as ir
-
-    return ir.node(op_type, inputs, attributes, domain=domain, **kw)
-
-
-def _const_array(value) -> np.ndarray | None:
-    return None if value is None or value.const_value is None else value.const_value.numpy()
-
-
-def _remove_unused(model) -> None:
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    RemoveUnusedNodesPass()(model)
-    used = {id(v) for n in model.graph.all_nodes() for v in n.inputs if v is not None}
-    used |= {id(v) for v in model.graph.outputs}
-    for name, v in list(model.graph.initializers.items()):
-        if id(v) not in used and not v.is_graph_input():
-            del model.graph.initializers[name]
-
-
 # --------------------------------------------------------------------------- int4
 
 def pack_nibbles(u4: np.ndarray) -> np.ndarray:
@@ -199,19 +168,6 @@ def onnx_int4(qw) -> dict[str, np.ndarray]:
         raise ValueError("int4 codes out of range for the ONNX 4-bit ops")
     out["data"] = pack_nibbles(u)
     return out
-
-
-def _matmul_nbits(graph, a, t: dict[str, np.ndarray], name: str, K: int, N: int, group: int, level: int,
-                  weights: str | None = None):
-    nb = K // group
-    b = _init(graph, f"{name}.qweight", t["data"].reshape(N, nb, group // 2))
-    s = _init(graph, f"{name}.scales", t["scales"].reshape(N * nb))
-    inputs = [a, b, s]
-    if "zero_points" in t:
-        inputs.append(_init(graph, f"{name}.qzeros", t["zero_points"].reshape(-1)))
-    return _node(MS, "MatMulNBits", inputs, attributes={
-        "K": K, "N": N, "bits": 4, "block_size": group, "accuracy_level": level}, name=f"{name}/MatMulNBits",
-        metadata_props={WEIGHTS_KEY: weights or f"{name}.weight:{N}"})
 
 
 def apply_int4(model, quant, cfg, progress=print) -> None:
@@ -311,154 +267,22 @@ def read_int4(model_path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-# --------------------------------------------------------------------------- fusions (variant fast)
-
-def _linear_output(graph, scope: str, op_types=("MatMul", "MatMulNBits")):
-    """The node computing ``scope``'s matmul and the value its module returns (after a bias Add)."""
-    mm = None
-    for node in graph:
-        if node.op_type in op_types and (_scope(node) == scope or node.name.startswith(f"{scope}/")):
-            mm = node
-            break
-    if mm is None:
-        return None, None
-    out = mm.outputs[0]
-    uses = list(out.uses())
-    if len(uses) == 1 and uses[0][0].op_type == "Add" and _scope(uses[0][0]) == scope:
-        return mm, uses[0][0].outputs[0]
-    return mm, out
-
-
-def _fuse_qkv(graph, q_mm, k_mm, v_mm, prefix: str):
-    """One matmul for q, k and v (same input, no bias): [q | k | v] along N."""
-    if q_mm.op_type == "MatMulNBits":
-        if not all(n.op_type == "MatMulNBits" for n in (k_mm, v_mm)):
-            return None
-        ins = [[_const_array(x) for x in n.inputs[1:]] for n in (q_mm, k_mm, v_mm)]
-        if any(len(i) != len(ins[0]) for i in ins):
-            return None
-        attrs = {k: v.value for k, v in q_mm.attributes.items()}
-        Ns = [n.attributes["N"].value for n in (q_mm, k_mm, v_mm)]
-        K, group = attrs["K"], attrs["block_size"]
-        nb = K // group
-        t = {"data": np.concatenate([i[0] for i in ins]).reshape(sum(Ns), K // 2),
-             "scales": np.concatenate([i[1].reshape(-1, nb) for i in ins])}
-        if len(ins[0]) > 2:
-            t["zero_points"] = np.concatenate([i[2].reshape(n, -1) for i, n in zip(ins, Ns)])
-        weights = ",".join(n.metadata_props[WEIGHTS_KEY] for n in (q_mm, k_mm, v_mm))
-        node = _matmul_nbits(graph, q_mm.inputs[0], t, f"{prefix}.qkv_proj", K, sum(Ns), group,
-                             attrs["accuracy_level"], weights)
-    else:
-        ws = [_const_array(n.inputs[1]) for n in (q_mm, k_mm, v_mm)]
-        if any(w is None for w in ws):
-            return None
-        w = _init(graph, f"{prefix}.qkv_proj.weight", np.concatenate(ws, axis=1))
-        node = _node("", "MatMul", [q_mm.inputs[0], w], name=f"{prefix}.qkv_proj/MatMul")
-    graph.insert_before(q_mm, node)
-    return node
-
-
-def fuse_for_ort_cpu(model, cfg, cos: np.ndarray, sin: np.ndarray, progress=print) -> None:
-    """GroupQueryAttention (+ fused QKV) per layer and SkipSimplifiedLayerNormalization."""
-    import onnx_ir as ir
-
-    if cos.shape[1] * 2 != cfg.head_dim:
-        progress("onnx: partial rotary: GroupQueryAttention fusion skipped (portable attention kept)")
-        return
-    g = model.graph
-    inputs = {v.name: v for v in g.inputs}
-    outputs = {v.name: v for v in g.outputs}
-    first = next(iter(g))
-    one = _init(g, "gqa.one", np.array(1, np.int64))
-    nm1 = _node("", "Sub", [inputs["n_valid"], one], name="gqa/seqlens")
-    seqlens_i64 = nm1.outputs[0]
-    cast1 = _node("", "Cast", [seqlens_i64], attributes={"to": ir.DataType.INT32}, name="gqa/seqlens_i32")
-    shape1 = _init(g, "gqa.shape1", np.array([1], np.int64))
-    rs = _node("", "Reshape", [cast1.outputs[0], shape1], name="gqa/seqlens_k")
-    total = _node("", "Cast", [inputs["n_valid"]], attributes={"to": ir.DataType.INT32}, name="gqa/total_len")
-    for n in (nm1, cast1, rs, total):
-        g.insert_before(first, n)
-    rs.outputs[0].name, total.outputs[0].name = "seqlens_k", "total_seq_len"
-    cos_v, sin_v = _init(g, "rope.cos_cache", cos.astype(np.float32)), _init(g, "rope.sin_cache", sin.astype(np.float32))
-    fused = 0
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}.self_attn"
-        q_mm, q = _linear_output(g, f"{p}.q_proj")
-        k_mm, k = _linear_output(g, f"{p}.k_proj")
-        v_mm, v = _linear_output(g, f"{p}.v_proj")
-        o_mm, _ = _linear_output(g, f"{p}.o_proj")
-        if None in (q_mm, k_mm, v_mm, o_mm):
-            raise RuntimeError(f"ONNX fusion: projections of {p} not found in the traced graph")
-        gqa_in = [q, k, v]
-        if q is q_mm.outputs[0] and k is k_mm.outputs[0] and v is v_mm.outputs[0] \
-                and q_mm.inputs[0] is k_mm.inputs[0] is v_mm.inputs[0]:
-            qkv = _fuse_qkv(g, q_mm, k_mm, v_mm, p)
-            if qkv is not None:
-                gqa_in = [qkv.outputs[0], None, None]
-        attrs = {"num_heads": cfg.n_heads, "kv_num_heads": cfg.n_kv_heads, "do_rotary": 1,
-                 "rotary_interleaved": 0, "scale": 1.0 / math.sqrt(cfg.head_dim)}
-        node = _node(MS, "GroupQueryAttention",
-                       gqa_in + [inputs[f"past_key_{i}"], inputs[f"past_value_{i}"], rs.outputs[0],
-                                 total.outputs[0], cos_v, sin_v],
-                       attributes=attrs, num_outputs=3, name=f"{p}/GroupQueryAttention")
-        g.insert_before(o_mm, node)
-        o_mm.replace_input_with(0, node.outputs[0])
-        for j, kind in ((1, "key"), (2, "value")):
-            _replace_value(outputs[f"present_{kind}_{i}"], node.outputs[j])
-        fused += 1
-    _remove_unused(model)
-    skip = 0
-    for node in list(g):
-        if node.op_type != "RMSNormalization":
-            continue
-        x, gamma = node.inputs[0], node.inputs[1]
-        eps = node.attributes["epsilon"].value if "epsilon" in node.attributes else 1e-5
-        add = x.producer()
-        if add is not None and add.op_type == "Add" and all(_const_array(a) is None for a in add.inputs):
-            new = _node(MS, "SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], gamma],
-                          attributes={"epsilon": float(eps)}, num_outputs=4, name=f"{node.name}/Skip")
-            g.insert_before(node, new)
-            _replace(g, node, new, [(node.outputs[0], new.outputs[0])])
-            _replace_value(add.outputs[0], new.outputs[3])
-            skip += 1
-    _remove_unused(model)
-    _topological_sort(model)
-    progress(f"onnx: {fused} GroupQueryAttention, {skip} SkipSimplifiedLayerNormalization")
-
-
-def _replace_value(old, new) -> None:
-    """``new`` takes over old's uses, name, type and shape (it computes the same tensor)."""
-    name = old.name
-    new.type = new.type or old.type
-    new.shape = new.shape or old.shape
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = None
-    new.name = name
-
-
-def _topological_sort(model) -> None:
-    from onnx_ir.passes.common import TopologicalSortPass
-
-    TopologicalSortPass()(model)
-
-
 # --------------------------------------------------------------------------- lower
 
 def lower(job) -> Path:
-    variant = job.variant or DEFAULT_VARIANT
-    if variant not in VARIANTS:
-        raise ValueError(f"ONNX variant {variant!r} is not known; valid: {', '.join(VARIANTS)}")
-    model = job.decoder(TRACE_OPTIONS)
+    flavour = job.flavour
+    model = job.decoder()
     cfg = model.config
     t0 = time.time()
     job.progress(f"onnx: tracing {job.loaded.recipe.name} ({cfg.n_layers} layers, cache {cfg.max_seq_len})")
     onnx_model = trace(model)
     job.progress(f"onnx: traced in {time.time() - t0:.1f}s")
-    cos, sin = model.rope_cos.numpy(), model.rope_sin.numpy()
+    cos, sin = model.rope.cos.numpy(), model.rope.sin.numpy()
+    applied = list(model.transforms)
     del model
     if job.quant is not None:
         apply_int4(onnx_model, job.quant, cfg, job.progress)
-    if variant == "fast":
+    if flavour.options["fuse"]:
         fuse_for_ort_cpu(onnx_model, cfg, cos, sin, job.progress)
     onnx_model.producer_name = "edgellm"
     if any(n.domain == MS for n in onnx_model.graph):
@@ -469,14 +293,11 @@ def lower(job) -> Path:
     with job.writer() as w:
         save(onnx_model, w.path(MODEL_FILE), external)
         check(w.path(MODEL_FILE))
-        try:
-            job.write_tokenizer(w)
-        except ImportError as e:  # the shared tokenizer module is not there yet
-            job.progress(f"onnx: tokenizer not written ({e})")
+        job.write_tokenizer(w)
         in_names, out_names = io_names(cfg.n_layers)
         ops = sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in onnx_model.graph})
-        manifest = job.manifest(MODEL_FILE, TRACE_OPTIONS, onnx={
-            "opset": OPSET, "variant": variant, "inputs": in_names, "outputs": out_names,
+        manifest = job.manifest(MODEL_FILE, applied, onnx={
+            "opset": OPSET, "flavour": flavour.name, "inputs": in_names, "outputs": out_names,
             "external_data": DATA_FILE if external else None,
             "matmulnbits_accuracy_level": STORED_ACCURACY_LEVEL if job.quant is not None else None,
             "cache_shape": [1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim], "ops": ops})

@@ -14,12 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backend import CachedBackend
+from runtime.backend import Backend, BackendOptions, register
 
 ENGINES = ("auto", "coreml", "interpreter")
 
 
-class CoreMLBackend(CachedBackend):
+@register
+class CoreMLBackend(Backend):
+    kind = "coreml"
+    accepts = frozenset({"tokenizer", "engine"})
+
     def __init__(self, package: Path, manifest: dict[str, Any], tokenizer=None, engine: str = "auto",
                  compute_units: str = "ALL"):
         if engine not in ENGINES:
@@ -46,18 +50,13 @@ class CoreMLBackend(CachedBackend):
             self._interp = MILInterpreter(package)
 
     @classmethod
-    def from_artifact(cls, directory: Path, manifest: dict[str, Any], **options) -> "CoreMLBackend":
-        """``manifest`` comes from ``runtime.artifact.read_manifest`` (hashes already verified)."""
-        directory = Path(directory)
+    def from_artifact(cls, directory: Path, manifest: dict[str, Any], tokenizer,
+                      options: BackendOptions) -> "CoreMLBackend":
+        """``manifest`` comes from ``edgellm.artifact.read_manifest`` (hashes already verified)."""
         package = directory / manifest["artifact"]
         if not package.is_dir():
             raise ValueError(f"{directory}: {manifest['artifact']} is missing; re-export with python -m export --target coreml")
-        tokenizer = options.pop("tokenizer", None)
-        if tokenizer is None and (directory / "tokenizer.meta.json").exists():
-            from runtime.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.load(directory)
-        return cls(package, manifest, tokenizer=tokenizer, **options)
+        return cls(package, manifest, tokenizer=tokenizer, engine=options.engine)
 
     def _forward(self, ids: list[int], start: int) -> np.ndarray:
         feed = {"tokens": np.asarray([ids], dtype=np.int32),

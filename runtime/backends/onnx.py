@@ -1,4 +1,4 @@
-"""ONNX Runtime (CPU) as a Backend for ``export.to_onnx`` artifacts.
+"""ONNX Runtime (CPU) as a Backend for ``export.targets.onnx.lowering`` artifacts.
 
 The KV cache is one float32 buffer per past/present pair, allocated once; with IOBinding
 each ``present_i`` output is bound to the same memory as ``past_i``, so the in-graph cache
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backend import CachedBackend
+from runtime.backend import Backend, BackendOptions, Capabilities, register
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
@@ -55,7 +55,11 @@ def _session_source(model_path: Path, manifest: dict[str, Any], accuracy_level: 
     return str(out), tmp
 
 
-class OnnxBackend(CachedBackend):
+@register
+class OnnxBackend(Backend):
+    kind = "onnx"
+    accepts = frozenset({"tokenizer", "threads", "accuracy_level"})
+
     def __init__(self, model_path: Path, manifest: dict[str, Any], tokenizer=None, threads: int | None = None,
                  accuracy_level: int | None = None, name: str | None = None):
         import onnxruntime as ort
@@ -119,16 +123,12 @@ class OnnxBackend(CachedBackend):
         for a in self._cache:
             a.fill(0.0)
 
-    @classmethod
-    def from_artifact(cls, directory: Path, manifest: dict[str, Any], threads: int | None = None,
-                      accuracy_level: int | None = None, tokenizer=None, **kw) -> "OnnxBackend":
-        directory = Path(directory)
-        if tokenizer is None:
-            try:
-                from runtime.tokenizer import Tokenizer
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(activation_quantization=self.activation_quantization, threads=True)
 
-                tokenizer = Tokenizer.load(directory)
-            except (ImportError, FileNotFoundError):
-                tokenizer = None
-        return cls(directory / manifest["artifact"], manifest, tokenizer, threads=threads,
-                   accuracy_level=accuracy_level, **kw)
+    @classmethod
+    def from_artifact(cls, directory: Path, manifest: dict[str, Any], tokenizer,
+                      options: BackendOptions) -> "OnnxBackend":
+        return cls(directory / manifest["artifact"], manifest, tokenizer, threads=options.threads,
+                   accuracy_level=options.accuracy_level)

@@ -16,9 +16,9 @@ Choices, and why:
   attention-mask arithmetic, which stay fp32: SmolLM2's residual stream reaches |x| ≈ 2.3e4,
   whose square overflows fp16 (max 65504) and would zero the normalized row; slot − position
   must be exact past 2048, where fp16 integers are no longer consecutive.
-- The mask is built arithmetically (``mask_build="arith"``, −3e4 for hidden slots):
+- The mask is built arithmetically (transform ``mask_arithmetic``, −3e4 for hidden slots):
   coremltools' ``select`` with scalar branches drops the condition's dynamic shape.
-- K/V heads are expanded with ``expand`` (a tile in MIL); ``fold`` cannot take a dynamic
+- K/V heads are expanded with ``expand`` (a tile in MIL); folding them cannot take a dynamic
   query length through torch.export.
 - Embedding: quantized like every other weight (it is tied to the output head in SmolLM2, so
   one int4 tensor serves the gather and the head). RoPE cos/sin tables and norm weights stay
@@ -33,11 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.decoder import DecoderOptions
+from export.targets import Flavour
+from export.transforms import Transform
 
 PACKAGE = "model.mlpackage"
-OPTIONS = DecoderOptions(cache_update="slice", rope_lookup="slice", attention="sdpa", gqa_expand="expand",
-                         mask_build="arith", mask_value=-3e4)
+FLAVOURS = (
+    Flavour("fp16", "iOS 18 fp16 ML Program, KV cache as Core ML states, int4 blockwise weights", (
+        Transform("cache_slice"), Transform("rope_rows_slice"), Transform("attention_expand_kv"),
+        Transform("mask_arithmetic", {"value": -3e4}))),
+)
 _FP32_TYPES = {"pow", "reduce_mean", "rsqrt"}  # RMSNorm statistics
 
 
@@ -86,7 +90,7 @@ def _from_positions(op) -> bool:
 
 
 def convert(model, capacity: int, progress=print):
-    """The fp16 ML Program (coremltools MLModel, not loaded) for a decoder built with OPTIONS."""
+    """The fp16 ML Program (coremltools MLModel, not loaded) for a decoder in the fp16 flavour."""
     import coremltools as ct
 
     t = time.time()
@@ -184,8 +188,9 @@ def quantize_weights(mlmodel, quant, progress=print):
 
 def lower(job) -> Path:
     cap = job.loaded.config.max_seq_len
-    model = job.decoder(OPTIONS, quantized_reference=True)
+    model = job.decoder(quantized_reference=True)
     mlmodel = convert(model, cap, job.progress)
+    applied = list(model.transforms)
     del model
     replaced = {}
     if job.quant is not None:
@@ -193,9 +198,10 @@ def lower(job) -> Path:
     with job.writer() as w:
         mlmodel.save(str(w.path(PACKAGE)))
         job.write_tokenizer(w)
-        manifest = job.manifest(PACKAGE, OPTIONS, coreml={
+        manifest = job.manifest(PACKAGE, applied, coreml={
             "minimum_deployment_target": "iOS18", "compute_precision": "fp16 (RMSNorm statistics, mask fp32)",
             "inputs": {"tokens": "int32[1, T]", "input_pos": "int32[T]", "T": [1, cap - 1]},
             "outputs": {"logits": "fp16[1, T, vocab]"}, "states": "kv_cache k/v per layer, fp16",
             "int4_tensors": len(replaced)})
         return w.commit(manifest)
+

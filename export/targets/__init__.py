@@ -1,0 +1,71 @@
+"""Export targets, one package each (``export/targets/<name>/``), registered by decorator.
+
+A target is a lowering of the one decoder: it declares its flavours (each an ordered list of
+source transforms from ``export.transforms`` plus target options, e.g. ExecuTorch's
+partitioners) and implements ``lower(job) -> Path``. ``names()`` lists the packages found
+here; ``get(name)`` imports one, whose ``@register`` makes it known. Adding a target is
+adding a package: nothing else lists them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from export.transforms import Transform
+
+
+@dataclass(frozen=True)
+class Flavour:
+    name: str
+    description: str
+    transforms: tuple[Transform, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Target:
+    """Base of every target: a name, its flavours (the first is the default) and ``lower``."""
+
+    name: ClassVar[str]
+    flavours: ClassVar[tuple[Flavour, ...]]
+
+    @property
+    def default_flavour(self) -> Flavour:
+        return self.flavours[0]
+
+    def flavour(self, name: str | None) -> Flavour:
+        if name is None:
+            return self.default_flavour
+        for f in self.flavours:
+            if f.name == name:
+                return f
+        raise ValueError(f"target {self.name} has no flavour {name!r}; valid: "
+                         f"{', '.join(f.name for f in self.flavours)} (default {self.default_flavour.name})")
+
+    def lower(self, job) -> Path:  # pragma: no cover - every target implements it
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Target] = {}
+
+
+def register(cls: type[Target]) -> type[Target]:
+    """Class decorator: make ``cls`` (one instance) the target named ``cls.name``."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def names() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg)
+
+
+def get(name: str) -> Target:
+    if name not in names():
+        raise ValueError(f"unknown target {name!r}; valid: {', '.join(names())}, all")
+    importlib.import_module(f"{__name__}.{name}")
+    if name not in _REGISTRY:
+        raise RuntimeError(f"export/targets/{name} registers no target (missing @register)")
+    return _REGISTRY[name]

@@ -1,0 +1,15 @@
+"""ExecuTorch target: the decoder lowered to a ``.pte`` (see ``lowering`` for the flavours)."""
+
+from __future__ import annotations
+
+from export.targets import Target, register
+from export.targets.executorch import lowering
+
+
+@register
+class ExecuTorch(Target):
+    name = "executorch"
+    flavours = lowering.FLAVOURS
+
+    def lower(self, job):
+        return lowering.lower(job)
