@@ -1,13 +1,16 @@
 """Bench the ExecuTorch artifacts of a recipe, and ExecuTorch's own LLM export of the same weights.
 
 For each flavour (portable, fast) and quant (int4, fp32): .pte size, export wall time and peak
-RSS (each export in its own subprocess, RSS from wait4), prefill tok/s on a 64-token prompt,
-time to first token, decode tok/s over 128 tokens at 1 and 2 threads, runtime peak RSS (each
-measurement in its own subprocess). The peer is ``executorch.examples.models.llama.export_llama``
+RSS (each export in its own subprocess, ``runtime.bench.run_measured``), prefill tok/s on a
+64-token prompt, time to first token, decode tok/s over 128 tokens at 1 and 2 threads
+(``runtime.bench.measure_calls`` on the raw program, so ours and the peer run the same calls),
+runtime peak RSS (each measurement in its own subprocess). The peer is
+``executorch.examples.models.llama.export_llama``
 (8da4w, 4-bit embedding group 32, custom SDPA + KV cache ops, XNNPACK) run on a Meta-layout
 checkpoint written from our fp32 weights. Prints a table and writes JSON.
 
-    python bench/bench_executorch.py [--recipe smollm2-135m] [--quants int4,fp32] [--json out.json]
+    python bench/bench_executorch.py [--recipe smollm2-135m] [--flavours portable,fast] [--quants int4,fp32]
+                                     [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +41,7 @@ def run_child(args: list[str], env=None) -> tuple[int, float, float, str]:
 
 # ---- children ----
 
-def child_export(recipe: str, max_seq_len: int, variant: str, quant_file: str | None, out: str):
+def child_export(recipe: str, max_seq_len: int, flavour: str, quant_file: str | None, out: str):
     import torch
 
     from edgellm.model import resolve_model
@@ -47,45 +49,43 @@ def child_export(recipe: str, max_seq_len: int, variant: str, quant_file: str | 
 
     loaded = resolve_model(recipe=recipe, max_seq_len=max_seq_len)
     q = torch.load(quant_file, weights_only=False) if quant_file else None
-    path = run_export(["executorch"], loaded=loaded, quantization=q, quant="int4" if q else "none",
-                      variant=variant, out=out, progress=lambda s: print(s, file=sys.stderr))["executorch"]
+    path = run_export(["executorch"], loaded=loaded, quantization=q, quant="int4" if q is not None else "none",
+                      flavour=flavour, out=out, progress=lambda s: print(s, file=sys.stderr))["executorch"]
     print("ARTIFACT", path)
 
 
 def child_run(pte: str, custom_ops: bool, vocab: int, pos_mode: str, prompt_file: str):
     """Time prefill (64-token prompt), TTFT and 128 decode steps at 1 and 2 threads."""
-    import numpy as np
     import torch
 
     from runtime.backends.executorch import load_program, set_threads
+    from runtime.bench import measure_calls
 
     prompt = json.loads(Path(prompt_file).read_text())
 
-    def fwd(ids, start):
+    def fwd(prog, ids, start) -> int:  # the greedy next token
         toks = torch.tensor([ids], dtype=torch.long)
         pos = (torch.arange(start, start + len(ids)) if pos_mode == "vector" else torch.tensor([start]))
-        return prog.forward((toks, pos.long()))[0]
+        logits = prog.forward((toks, pos.long()))[0]
+        return int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
 
     res = {}
     for threads in (1, 2):
         set_threads(threads)  # before loading: a resize invalidates loaded XNNPACK delegates
         prog = load_program(Path(pte), custom_ops)
-        fwd(prompt, 0)  # warm-up
-        pre, ttft, dec = [], [], []
-        for rep in range(3):
-            t = time.perf_counter()
-            logits = fwd(prompt, 0)
-            tok = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
-            ttft.append(time.perf_counter() - t)
-            pre.append(len(prompt) / ttft[-1])
-            t = time.perf_counter()
-            for i in range(128):
-                logits = fwd([tok], len(prompt) + i)
-                tok = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
-            dec.append(128 / (time.perf_counter() - t))
-        res[threads] = {"prefill_tok_s": float(np.median(pre)), "ttft_ms": float(np.median(ttft)) * 1000,
-                        "decode_tok_s": float(np.median(dec))}
-        prog = None  # released before the pool it was built with is resized
+        at = [0]  # the next decode position
+
+        def prefill(ids, prog=prog):
+            at[0] = len(ids)
+            return fwd(prog, ids, 0)
+
+        def decode(tok, prog=prog):
+            at[0] += 1
+            return fwd(prog, [tok], at[0] - 1)
+
+        r = measure_calls(prefill, decode, prompt, 128, runs=3, name=f"{Path(pte).name} ({threads}t)")
+        res[threads] = {"prefill_tok_s": r.prefill_tok_s, "ttft_ms": r.ttft_ms, "decode_tok_s": r.decode_tok_s}
+        prog = prefill = decode = None  # released before the pool it was built with is resized
     print("RESULT " + json.dumps(res))
 
 
@@ -96,16 +96,16 @@ def write_meta_checkpoint(loaded, directory: Path) -> tuple[Path, Path]:
     interleaved RoPE pairing ExecuTorch's Transformer uses) + params.json."""
     import torch
 
-    cfg, st = loaded.config, loaded.state
+    cfg, st = loaded.config, loaded.weights  # a lazy Mapping: each tensor read when indexed
     if cfg.rope.type != "default":
         raise ValueError("the peer export is only wired for unscaled RoPE")
 
     def unpermute(w, n_heads):  # HF rotate-half rows -> Meta interleaved rows
         d = cfg.head_dim
-        return w.view(n_heads, 2, d // 2, -1).transpose(1, 2).reshape(w.shape).contiguous()
+        return w.reshape(n_heads, 2, d // 2, -1).transpose(1, 2).reshape(w.shape).contiguous()
 
     out = {"tok_embeddings.weight": st["embed_tokens.weight"], "norm.weight": st["norm.weight"],
-           "output.weight": st.get("lm_head.weight", st["embed_tokens.weight"])}
+           "output.weight": st["lm_head.weight"] if "lm_head.weight" in st else st["embed_tokens.weight"]}
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         out[p + "attention.wq.weight"] = unpermute(st[p + "self_attn.q_proj.weight"], cfg.n_heads)
@@ -138,7 +138,7 @@ def peer_export_args(ck: Path, params: Path, out_dir: Path, max_seq_len: int, bo
 
 # ---- driver ----
 
-def measure(pte: Path, custom_ops: bool, vocab: int, pos_mode: str, prompt_file: Path) -> dict:
+def measure_pte(pte: Path, custom_ops: bool, vocab: int, pos_mode: str, prompt_file: Path) -> dict:
     rc, wall, rss, out = run_child([__file__, "_run", str(pte), str(int(custom_ops)), str(vocab), pos_mode,
                                     str(prompt_file)])
     if rc != 0:
@@ -151,7 +151,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="smollm2-135m")
     ap.add_argument("--max-seq-len", type=int, default=512)
-    ap.add_argument("--variants", default="portable,fast")
+    ap.add_argument("--flavours", "--variants", dest="flavours", default="portable,fast",
+                    help="export flavours (--variants: the old name)")
     ap.add_argument("--quants", default="int4,fp32")
     ap.add_argument("--out", default="out/bench-executorch")
     ap.add_argument("--reuse", action="store_true", help="reuse artifacts already in --out (no export timing)")
@@ -161,6 +162,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import torch
 
+    from edgellm.artifact import artifact_name, read_manifest
     from edgellm.model import resolve_model
     from export.pipeline import quantize_for
 
@@ -182,18 +184,20 @@ def main(argv=None):
             torch.save(quantize_for(loaded, "int4", progress=lambda s: None), quant_file)
             print(f"shared int4 quantization: {time.time() - t:.1f}s (computed once, not in export times)")
     for quant in a.quants.split(","):
-        for variant in a.variants.split(","):
-            name = f"{loaded.recipe.name}-executorch-{quant}-{variant}"
+        for flavour in a.flavours.split(","):
+            name = artifact_name(loaded.recipe.name, "executorch", f"{quant}-{flavour}")
             art = out / name
-            row = {"name": name, "variant": variant, "quant": quant}
+            row = {"name": name, "variant": flavour, "quant": quant}  # "variant": the JSON key readers know
             if not (a.reuse and art.exists()):
-                rc, wall, rss, _ = run_child([__file__, "_export", a.recipe, str(a.max_seq_len), variant,
+                rc, wall, rss, _ = run_child([__file__, "_export", a.recipe, str(a.max_seq_len), flavour,
                                               str(quant_file) if quant == "int4" else "", str(out)])
                 row.update(export_s=wall, export_rss_mb=rss, export_rc=rc)
                 if rc != 0:
                     rows.append(row)
                     continue
-            row.update(measure(art / "model.pte", variant == "fast", loaded.config.vocab_size, "vector", prompt_file))
+            m = read_manifest(art, verify=False)  # the .pte's name and whether it needs the custom ops
+            row.update(measure_pte(art / m["artifact"], bool(m["executorch"]["custom_ops"]), loaded.config.vocab_size,
+                                   "vector", prompt_file))
             rows.append(row)
             print(json.dumps(row), flush=True)
     if not a.no_peer:
@@ -206,7 +210,7 @@ def main(argv=None):
                                                           loaded.recipe.bos_id, loaded.recipe.eos_ids))
             row.update(export_s=wall, export_rss_mb=rss, export_rc=rc)
         if pte.exists():
-            row.update(measure(pte, True, loaded.config.vocab_size, "start", prompt_file))
+            row.update(measure_pte(pte, True, loaded.config.vocab_size, "start", prompt_file))
         rows.append(row)
         print(json.dumps(row), flush=True)
     print_table(rows)

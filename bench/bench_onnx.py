@@ -3,12 +3,13 @@
 For a recipe (default SmolLM2-135M, int4), in one run:
   * ours: ``python -m export --target onnx`` in a child process (wall time, peak RSS, size),
     then prefill tok/s (64-token prompt), TTFT and decode tok/s over 128 greedy steps at 1 and
-    2 intra-op threads, each in a fresh child process (its own peak RSS);
+    2 intra-op threads, each in a fresh child process (its own peak RSS), by ``runtime.bench.measure``;
   * the peer: the model onnxruntime-genai's builder makes from the same weights (an HF folder
     written with transformers' ``save_pretrained`` from our fp32 weights, tokenizer from the
     GGUF; ``-p int4 -e cpu``, accuracy_level 4), run with onnxruntime-genai at the same cache
     capacity, prompt and thread counts -- in its own virtualenv (a benchmark, not a dependency),
-    created on demand;
+    created on demand -- timed by the same loop (``runtime.bench.measure_calls``, that file
+    loaded by path in the peer's interpreter);
 and prints a table plus the ours/peer decode ratio, and writes JSON.
 
     python -m bench.bench_onnx [--recipe smollm2-135m] [--max-seq-len 512] [--threads 1 2]
@@ -25,13 +26,15 @@ import sys
 import time
 from pathlib import Path
 
+from edgellm.artifact import dir_size
+
 ROOT = Path(__file__).resolve().parents[1]
 GENAI_PINS = ["onnxruntime-genai==0.18.0", "onnxruntime==1.31.1", "torch==2.13.0", "transformers", "onnx-ir"]  # the builder imports onnx_ir
 PROMPT, DECODE = 64, 128
 
 
 def _dir_mb(path: Path) -> float:
-    return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6, 2)
+    return round(dir_size(path) / 1e6, 2)
 
 
 def _child_env() -> dict:
@@ -58,7 +61,7 @@ def export_ours(recipe: str, max_seq_len: int, out: Path) -> dict:
         raise SystemExit(f"export failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     art = out / f"{recipe}-onnx-int4"
     return {"artifact": str(art), "export_wall_s": round(wall, 1), "export_peak_rss_mb": round(peak, 1),
-            "size_mb": _dir_mb(art), "model_mb": round(sum(p.stat().st_size for p in art.glob("model.onnx*")) / 1e6, 2)}
+            "size_mb": _dir_mb(art), "model_mb": round(sum(dir_size(p) for p in art.glob("model.onnx*")) / 1e6, 2)}
 
 
 def measure_ours(artifact: str, threads: int, runs: int) -> dict:
@@ -102,14 +105,14 @@ def write_hf_folder(recipe: str, max_seq_len: int, folder: Path) -> Path:
                      max_position_embeddings=max(max_seq_len, 2048), tie_word_embeddings=c.tie_embeddings,
                      bos_token_id=rec.bos_id, eos_token_id=rec.eos_ids[0], torch_dtype="float32")
     model = LlamaForCausalLM(hf)
-    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in loaded.state.items()}
+    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in loaded.weights.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (c.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise SystemExit(f"HF folder: missing {missing[:3]}, unexpected {unexpected[:3]}")
     folder.mkdir(parents=True, exist_ok=True)
     model.to(torch.float32).save_pretrained(folder)
-    gguf = Path(loaded.weights)
+    gguf = Path(loaded.origin)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok.save_pretrained(folder)
     return folder
@@ -124,56 +127,55 @@ def build_peer(py: Path, hf: Path, out: Path) -> dict:
     return {"artifact": str(out), "build_wall_s": round(time.time() - t, 1), "size_mb": _dir_mb(out)}
 
 
+# Runs in the peer's virtualenv: runtime/bench.py loaded by path (it needs only numpy there), so
+# the peer is timed by the same loop and reports its peak RSS the same way as ours.
 PEER_MEASURE = r'''
-import json, resource, statistics, sys, time
-import numpy as np
+import importlib.util, json, os, sys
+bench_file, path = sys.argv[1], sys.argv[2]
+threads, max_len, n_prompt, n_decode, runs = (int(x) for x in sys.argv[3:8])
+spec = importlib.util.spec_from_file_location("edgellm_bench", bench_file)
+bench = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = bench  # its dataclass looks the module up
+spec.loader.exec_module(bench)
 import onnxruntime_genai as og
-path, threads, max_len, prompt, decode, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 cfg = og.Config(path)
 cfg.clear_providers()
 cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
 model = og.Model(cfg)
-rng = np.random.default_rng(0)
-ids = [int(x) for x in rng.integers(100, 30000, size=prompt)]  # runtime.bench.bench_prompt
-pre, dec, ttft = [], [], []
-for r in range(runs + 1):
+with open(os.path.join(path, "genai_config.json")) as f:
+    vocab = json.load(f)["model"].get("vocab_size", 30000)
+state = {}
+def reset():
+    state.clear()  # the previous generator is freed before the next one is made
     p = og.GeneratorParams(model)
     p.set_search_options(max_length=max_len, do_sample=False, past_present_share_buffer=True)
-    g = og.Generator(model, p)
-    t0 = time.perf_counter()
-    g.append_tokens(ids)  # prefill (logits of the last token computed)
-    t1 = time.perf_counter()
-    for _ in range(decode):
-        g.generate_next_token()
-    t2 = time.perf_counter()
-    del g
-    if r:
-        pre.append(prompt / (t1 - t0)); ttft.append((t1 - t0) * 1000); dec.append(decode / (t2 - t1))
-print(json.dumps({"name": f"onnxruntime-genai ({threads}t)", "prompt_tokens": prompt, "decode_tokens": decode,
-                  "prefill_tok_s": statistics.median(pre), "ttft_ms": statistics.median(ttft),
-                  "decode_tok_s": statistics.median(dec),
-                  "peak_rss_mb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
-                  / 1024, "runs": runs}))  # VmHWM: this process's own pages (ru_maxrss counts the forked parent's)
+    state["g"] = og.Generator(model, p)
+def prefill(ids):
+    state["g"].append_tokens(ids)  # prefill (logits of the last token computed)
+def decode(_):
+    state["g"].generate_next_token()
+r = bench.measure_calls(prefill, decode, bench.bench_prompt(n_prompt, vocab), n_decode, runs,
+                        f"onnxruntime-genai ({threads}t)", reset=reset)
+state.clear()
+print(json.dumps(r.to_dict()))
 '''
 
 
 def measure_peer(py: Path, model_dir: str, threads: int, max_len: int, runs: int) -> dict:
-    p = _run([str(py), "-c", PEER_MEASURE, model_dir, str(threads), str(max_len), str(PROMPT), str(DECODE), str(runs)])
+    p = _run([str(py), "-c", PEER_MEASURE, str(ROOT / "runtime" / "bench.py"), model_dir, str(threads),
+              str(max_len), str(PROMPT), str(DECODE), str(runs)])
     return _last_json(p.stdout)
 
 
 # ----------------------------------------------------------------------------- report
 
 def table(rows: list[dict], title: str):
-    from rich.table import Table
+    """runtime.bench.table of the rows, with their threads and size as extra columns."""
+    from runtime.bench import BenchResult, table as bench_table
 
-    t = Table(title=title)
-    for col in ("model", "threads", "size MB", "prefill tok/s", "TTFT ms", "decode tok/s", "runtime peak RSS MB"):
-        t.add_column(col, justify="left" if col == "model" else "right")
-    for r in rows:
-        t.add_row(r["model"], str(r["threads"]), f"{r['size_mb']:.1f}", f"{r['prefill_tok_s']:.0f}",
-                  f"{r['ttft_ms']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['peak_rss_mb']:.0f}")
-    return t
+    return bench_table([BenchResult.from_dict(r, name=r["model"]) for r in rows], title,
+                       extra={"threads": [r["threads"] for r in rows],
+                              "size MB": [f"{r['size_mb']:.1f}" for r in rows]})
 
 
 def main(argv=None) -> int:

@@ -69,7 +69,8 @@ def main(argv=None):
     loaded = resolve_model(recipe="smollm2-135m", max_seq_len=max(args.tokens, 16))
     tokens = tokens_of_constitution(args.tokens)
     base_cfg = loaded.recipe.quantization
-    fp32_bytes = sum(v.numel() * 4 for k, v in loaded.state.items())
+    shapes = loaded.weights.shapes  # names and shapes without reading a tensor
+    fp32_bytes = sum(math.prod(s) * 4 for s in shapes.values())
     rows, fp32_ppl, cache = [], None, {}
     for name in args.variants.split(","):
         overrides, dyn = VARIANTS[name]
@@ -80,11 +81,11 @@ def main(argv=None):
             key = tuple(sorted(overrides.items()))
             if key not in cache:
                 t = time.time()
-                cache[key] = (quantize(loaded.state, cfg, tied=loaded.config.tie_embeddings), time.time() - t)
+                cache[key] = (quantize(loaded.weights, cfg, tied=loaded.config.tie_embeddings), time.time() - t)
             q, qtime = cache[key]
             s = q.summary()
             quantized = {n for n in q.weights}
-            nbytes = s["bytes"] + sum(v.numel() * 4 for k, v in loaded.state.items() if k not in quantized)
+            nbytes = s["bytes"] + sum(math.prod(shape) * 4 for k, shape in shapes.items() if k not in quantized)
             sha = s["sha256"][:12]
             apply_reference(model, q, dynamic_activations=dyn)
         t = time.time()
@@ -94,7 +95,6 @@ def main(argv=None):
             fp32_ppl = ppl
         rows.append({"method": name, "ppl": ppl, "ratio": ppl / fp32_ppl if fp32_ppl else None,
                      "bytes": nbytes, "quantize_s": round(qtime, 2), "forward_s": round(ftime, 2), "sha256": sha})
-        r = rows[-1]
         print(f"  {name}: ppl {ppl:.3f} (quantize {qtime:.1f}s, forward {ftime:.1f}s)", file=sys.stderr, flush=True)
 
     print(f"\nSmolLM2-135M, US constitution, {tokens.numel()} tokens ({tokens.numel() - 1} scored), "

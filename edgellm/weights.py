@@ -22,6 +22,7 @@ import torch
 
 from edgellm import architectures, gguf_file
 from edgellm.config import ModelConfig
+from edgellm.decoder import Decoder
 from edgellm.errors import CheckpointError
 
 __all__ = ["Weights", "CheckpointError", "load_checkpoint", "load_hf_folder", "load_gguf", "random_weights",
@@ -203,8 +204,6 @@ def random_weights(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> Weight
     Drawn from one generator in the decoder's state-dict order, so they are generated together
     on first access (this keeps every seed's weights what they have always been).
     """
-    from edgellm.decoder import Decoder
-
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Decoder(cfg).state_dict().items()}
     state: dict[str, torch.Tensor] = {}

@@ -14,6 +14,7 @@ import sys
 import edgellm  # noqa: F401  (environment defaults before torch loads)
 from edgellm.errors import EdgeLLMError
 from export import targets as target_registry
+from export.pipeline import run_export
 
 
 
@@ -36,8 +37,6 @@ def main(argv=None) -> int:
 
     from rich.console import Console
     from rich.table import Table
-
-    from export.pipeline import run_export
 
     console = Console()
     t0 = time.time()

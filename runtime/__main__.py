@@ -11,6 +11,13 @@ import sys
 
 import runtime
 from edgellm.artifact import read_manifest
+from edgellm.assets import fetch, fetch_all
+from runtime.backend import spec_class
+from runtime.backends.eager import EagerBackend
+from runtime.bench import measure, table
+from runtime.generate import SamplingConfig, generate
+from runtime.inspect import inspect_artifact, render
+from runtime.parity import merge_reports, problems, run_parity
 
 
 def _console():
@@ -30,8 +37,6 @@ def _backend(spec: str, args) -> "runtime.Backend":
 
 
 def cmd_generate(args) -> int:
-    from runtime.generate import SamplingConfig, generate
-
     backend = _backend(args.spec, args)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -51,8 +56,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_parity(args) -> int:
-    from runtime.backends.eager import EagerBackend
-    from runtime.parity import merge_reports, problems, run_parity
 
     console = _console()
     manifests = {s: read_manifest(s) for s in args.specs if not s.startswith("eager")}
@@ -86,8 +89,6 @@ def cmd_parity(args) -> int:
         if args.text:
             text = open(args.text).read()
         else:
-            from edgellm.assets import fetch
-
             text = fetch("us-constitution.txt").read_text()
     reports = [run_parity(group, references[scheme], steps=args.steps, text=text, text_tokens=args.text_tokens,
                           with_noise_floor=references[scheme].capabilities.activation_quantization is not None,
@@ -115,11 +116,7 @@ def cmd_parity(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from runtime.bench import measure, table
-
     console = _console()
-    from runtime.backend import spec_class
-
     results = []
     with_threads = "threads" in spec_class(args.spec).accepts
     for threads in (args.threads_list if with_threads else [None]):
@@ -147,16 +144,12 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from runtime.inspect import inspect_artifact, render
-
     info = inspect_artifact(args.spec)
     print(json.dumps(info, indent=2, default=str) if args.json else render(info))
     return 0
 
 
 def cmd_assets(args) -> int:
-    from edgellm.assets import fetch_all
-
     for name, path in fetch_all(progress=lambda m: print(m, file=sys.stderr)).items():
         print(f"{name}: {path}")
     return 0

@@ -26,6 +26,7 @@ import numpy as np
 
 from edgellm.artifact import read_manifest
 from edgellm.tokenizer import Tokenizer
+from runtime import backends
 
 
 class CacheOverflowError(ValueError):
@@ -139,8 +140,6 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 
 def kinds() -> list[str]:
-    from runtime import backends
-
     return sorted(m.name for m in pkgutil.iter_modules(backends.__path__))
 
 

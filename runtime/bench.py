@@ -3,6 +3,13 @@
 Prefill tok/s on a fixed-length prompt, time to first token, decode tok/s over N greedy
 steps, and the process's peak RSS. Prompts are token ids (a fixed pseudo-random sequence
 from the tokenizer's plain vocabulary) so every backend sees the same work.
+
+There is one timing loop, ``measure_calls`` (prefill and decode given as callables, so a peer
+runtime that is not a Backend is timed by the same code; ``measure`` is it on a Backend), and
+one peak-RSS reading, ``peak_rss_mb`` (``run_measured`` reports it for a child process). This
+module imports only the standard library and numpy at load time, so a peer's own virtualenv
+can load this file by path (``importlib.util.spec_from_file_location``, registered in
+``sys.modules`` for its dataclass) without the rest of edgellm.
 """
 
 from __future__ import annotations
@@ -12,12 +19,14 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from runtime.backend import Backend
+if TYPE_CHECKING:  # not imported at run time: see the module docstring
+    from runtime.backend import Backend
 
 
 @dataclass
@@ -34,6 +43,11 @@ class BenchResult:
     def to_dict(self):
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides) -> "BenchResult":
+        """From ``to_dict()`` output (keys it does not know are ignored)."""
+        return cls(**{f.name: overrides.get(f.name, d.get(f.name)) for f in fields(cls)})
+
 
 def peak_rss_mb() -> float:
     """Peak RSS of this process. Linux: VmHWM, which belongs to the process's own address space;
@@ -47,14 +61,12 @@ def peak_rss_mb() -> float:
         return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB on Linux
 
 
-# Runs a script or ``-m module`` in a fresh interpreter and prints its peak RSS at exit.
-# (Self-contained: importing the runtime here would count its own imports in the child's peak.)
+# Runs a script, ``-m module`` or ``-c code`` in a fresh interpreter and prints its peak RSS at
+# exit. Self-contained (importing the runtime here would count its own imports in the child's
+# peak): ``run_measured`` prepends the source of ``peak_rss_mb`` itself, the one definition.
 _PEAK_WRAPPER = """
-import atexit, runpy, sys
-def _peak():
-    with open('/proc/self/status') as f:
-        return next(int(l.split()[1]) for l in f if l.startswith('VmHWM')) / 1024.0
-atexit.register(lambda: print('PEAK_RSS_MB', _peak(), flush=True))
+import atexit, runpy
+atexit.register(lambda: print('PEAK_RSS_MB', peak_rss_mb(), flush=True))
 args = sys.argv[1:]
 if args[0] == '-c':
     sys.argv = ['-c', *args[2:]]
@@ -68,6 +80,12 @@ else:
 """
 
 
+def _peak_wrapper() -> str:
+    import inspect
+
+    return "import resource, sys\n" + inspect.getsource(peak_rss_mb) + _PEAK_WRAPPER
+
+
 def run_measured(args: list[str], cwd=None, env=None, python: str = sys.executable):
     """(CompletedProcess, wall seconds, peak RSS MB) of ``python ARGS`` (a script, -m module or -c code)."""
     import subprocess
@@ -76,7 +94,7 @@ def run_measured(args: list[str], cwd=None, env=None, python: str = sys.executab
     env = dict(env or os.environ)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     t = time.time()
-    p = subprocess.run([python, "-c", _PEAK_WRAPPER, *args], capture_output=True, text=True, cwd=cwd, env=env)
+    p = subprocess.run([python, "-c", _peak_wrapper(), *args], capture_output=True, text=True, cwd=cwd, env=env)
     wall = time.time() - t
     peak = next((float(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("PEAK_RSS_MB ")),
                 float("nan"))
@@ -88,40 +106,56 @@ def bench_prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
     return [int(x) for x in rng.integers(100, min(vocab, 30000), size=n)]
 
 
-def measure(backend: Backend, prompt_tokens: int = 64, decode_tokens: int = 128, runs: int = 3,
-            name: str | None = None) -> BenchResult:
-    """Median over ``runs`` (after one warm-up) of prefill and decode speed."""
-    if prompt_tokens + decode_tokens > backend.max_seq_len:
-        decode_tokens = max(1, backend.max_seq_len - prompt_tokens)
-    vocab = backend.vocab_size
-    ids = bench_prompt(prompt_tokens, vocab)
-    prefill, decode, ttft = [], [], []
-    for r in range(runs + 1):
-        backend.reset()
+def measure_calls(prefill: Callable[[list[int]], Any], decode: Callable[[Any], Any], ids: list[int],
+                  decode_tokens: int, runs: int = 3, name: str = "runtime", reset: Callable[[], Any] | None = None,
+                  warmup: int = 1) -> BenchResult:
+    """The timing loop: after ``warmup`` untimed runs, the median over ``runs`` of the prefill of
+    ``ids`` (``prefill(ids)``, which returns what the first ``decode`` takes, e.g. the greedy next
+    token) and of ``decode_tokens`` chained ``decode`` steps (each returns the next one's input).
+    ``reset()`` runs before every run, untimed. For a Backend use ``measure``; this is for
+    anything else (a peer runtime's own API, a raw program)."""
+    if runs < 1:
+        raise ValueError("runs must be at least 1")
+    prefill_s, decode_s = [], []
+    for r in range(warmup + runs):
+        if reset is not None:
+            reset()
         t0 = time.perf_counter()
-        logits = backend.prefill(ids)
-        nxt = int(np.argmax(logits))
+        x = prefill(ids)
         t1 = time.perf_counter()
         for _ in range(decode_tokens):
-            nxt = int(np.argmax(backend.decode(nxt)))
+            x = decode(x)
         t2 = time.perf_counter()
-        if r == 0:
-            continue  # warm-up
-        prefill.append(prompt_tokens / (t1 - t0))
-        ttft.append((t1 - t0) * 1000)
-        decode.append(decode_tokens / (t2 - t1))
-    return BenchResult(name or backend.name, prompt_tokens, decode_tokens,
-                       statistics.median(prefill), statistics.median(ttft), statistics.median(decode),
+        if r >= warmup:
+            prefill_s.append(t1 - t0)
+            decode_s.append(t2 - t1)
+    n = len(ids)
+    return BenchResult(name, n, decode_tokens,
+                       statistics.median(n / s for s in prefill_s), statistics.median(s * 1000 for s in prefill_s),
+                       statistics.median(decode_tokens / s for s in decode_s) if decode_tokens else float("nan"),
                        peak_rss_mb(), runs)
 
 
-def table(results: list[BenchResult], title: str = "bench"):
+def measure(backend: Backend, prompt_tokens: int = 64, decode_tokens: int = 128, runs: int = 3,
+            name: str | None = None, warmup: int = 1) -> BenchResult:
+    """Median over ``runs`` (after ``warmup`` untimed ones) of prefill and greedy decode speed."""
+    if prompt_tokens + decode_tokens > backend.max_seq_len:
+        decode_tokens = max(1, backend.max_seq_len - prompt_tokens)
+    ids = bench_prompt(prompt_tokens, backend.vocab_size)
+    return measure_calls(lambda prompt: int(np.argmax(backend.prefill(prompt))),
+                         lambda tok: int(np.argmax(backend.decode(tok))),
+                         ids, decode_tokens, runs, name or backend.name, reset=backend.reset, warmup=warmup)
+
+
+def table(results: list[BenchResult], title: str = "bench", extra: dict[str, list[str]] | None = None):
+    """A rich table of ``results``; ``extra`` adds columns (name -> one cell per result) after the first."""
     from rich.table import Table
 
+    extra = extra or {}
     t = Table(title=title)
-    for col in ("backend", "prompt", "prefill tok/s", "TTFT ms", "decode tok/s", "peak RSS MB"):
+    for col in ("backend", *extra, "prompt", "prefill tok/s", "TTFT ms", "decode tok/s", "peak RSS MB"):
         t.add_column(col, justify="left" if col == "backend" else "right")
-    for r in results:
-        t.add_row(r.name, str(r.prompt_tokens), f"{r.prefill_tok_s:.1f}", f"{r.ttft_ms:.1f}",
-                  f"{r.decode_tok_s:.1f}", f"{r.peak_rss_mb:.0f}")
+    for i, r in enumerate(results):
+        t.add_row(r.name, *(str(cells[i]) for cells in extra.values()), str(r.prompt_tokens),
+                  f"{r.prefill_tok_s:.1f}", f"{r.ttft_ms:.1f}", f"{r.decode_tok_s:.1f}", f"{r.peak_rss_mb:.0f}")
     return t

@@ -12,7 +12,7 @@ can compare them with the shared quantization byte for byte.
 
 from __future__ import annotations
 
-from edgellm.artifact import dir_size
+from edgellm.artifact import dir_size, read_manifest
 
 from collections import Counter
 from pathlib import Path
@@ -190,8 +190,6 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 
 def inspect_artifact(directory: str | Path) -> dict[str, Any]:
     """The structural report of an artifact directory (manifest checked by sha256)."""
-    from edgellm.artifact import read_manifest
-
     directory = Path(directory)
     man = read_manifest(directory)
     path = directory / man["artifact"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm import gguf_file
+from edgellm.assets import fetch
 from edgellm.tokenizer.core import CHATML, Tokenizer, read_tiktoken_ranks
 
 # ---- pre-tokenizer patterns (all accepted by tiktoken's fancy-regex and valid JS with /u) ----
@@ -91,7 +92,6 @@ GPT2_ENDOFTEXT = 50256
 
 def gpt2_ranks() -> dict[bytes, int]:
     """GPT-2's 50,256 ranks from the sha256-verified asset (no tiktoken download)."""
-    from edgellm.assets import fetch
     ranks = read_tiktoken_ranks(fetch("gpt2.tiktoken"))
     if len(ranks) != 50256 or sorted(ranks.values()) != list(range(50256)):
         raise ValueError("gpt2.tiktoken does not hold ranks 0..50255; the asset is not GPT-2's")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backend import Backend, BackendOptions, register
+from runtime.mil_interpreter import MILInterpreter
 
 ENGINES = ("auto", "coreml", "interpreter")
 
@@ -45,8 +46,6 @@ class CoreMLBackend(Backend):
             self._model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units))
             self._state = self._model.make_state()
         else:
-            from runtime.mil_interpreter import MILInterpreter
-
             self._interp = MILInterpreter(package)
 
     @classmethod
