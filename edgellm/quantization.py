@@ -393,23 +393,23 @@ def _activation_hook(scheme: str, block: int):
     return hook
 
 
-def activation_scheme(dynamic_activations: bool | str | None) -> str | None:
+def resolve_activation_scheme(activations: bool | str | None) -> str | None:
     """``True`` (8da4w, the historical spelling) / a scheme name / falsy -> scheme name or None."""
-    if not dynamic_activations:
+    if not activations:
         return None
-    scheme = "int8-token-asym" if dynamic_activations is True else dynamic_activations
+    scheme = "int8-token-asym" if activations is True else activations
     if scheme not in ACTIVATION_SCHEMES:
         raise ValueError(f"unknown activation scheme {scheme!r}; valid: {', '.join(ACTIVATION_SCHEMES)}")
     return scheme
 
 
 @torch.no_grad()
-def apply_reference(model: nn.Module, quant: Quantization, dynamic_activations: bool | str = False) -> nn.Module:
+def apply_reference(model: nn.Module, quant: Quantization, activations: bool | str = False) -> nn.Module:
     """In place: every quantized weight := its dequantization (tying kept); optionally add a
     runtime's int8 dynamic activation fake-quant (``True`` = 8da4w, or a name from
     ACTIVATION_SCHEMES) as forward pre-hooks on the quantized Linears (parameter names
     unchanged). Returns the model."""
-    scheme = activation_scheme(dynamic_activations)
+    scheme = resolve_activation_scheme(activations)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     done: dict[int, torch.Tensor] = {}

@@ -73,13 +73,13 @@ def cmd_parity(args) -> int:
         first = next(iter(manifests.values()))
         groups, references = {}, {}
         for s, be in candidates.items():
-            groups.setdefault(be.capabilities.activation_quantization, {})[s] = be
+            groups.setdefault(be.capabilities.activation_scheme, {})[s] = be
         quant = None
         for scheme in groups:
             with console.status(f"rebuilding the eager reference ({scheme or 'no activation quantization'}) "
                                 f"from the artifact manifest"):
                 kw = {"quantization": quant} if quant is not None else {}
-                references[scheme] = EagerBackend.reference_for(first, dynamic_activations=scheme or False, **kw)
+                references[scheme] = EagerBackend.reference_for(first, activations=scheme or False, **kw)
                 quant = references[scheme].quantization
     else:
         print("parity: give --reference SPEC when every candidate is eager", file=sys.stderr)
@@ -91,7 +91,7 @@ def cmd_parity(args) -> int:
         else:
             text = fetch("us-constitution.txt").read_text()
     reports = [run_parity(group, references[scheme], steps=args.steps, text=text, text_tokens=args.text_tokens,
-                          with_noise_floor=references[scheme].capabilities.activation_quantization is not None,
+                          with_noise_floor=references[scheme].capabilities.activation_scheme is not None,
                           progress=lambda m: console.log(m))
                for scheme, group in groups.items()]
     report = merge_reports(reports, order=list(candidates))

@@ -38,7 +38,7 @@ class Capabilities:
     # The int8 dynamic activation quantization the runtime applies in front of its int4 linears
     # (a name from edgellm.quantization.ACTIVATION_SCHEMES), or None: parity builds its eager
     # reference with the same arithmetic, so that it measures what the artifact adds.
-    activation_quantization: str | None = None
+    activation_scheme: str | None = None
     perturbation: bool = False  # can run perturbed (``perturbed(eps)``): measures parity's noise floor
     full_sequence: bool = True  # one call returns the logits of every position it was given
     threads: bool = False  # honours BackendOptions.threads

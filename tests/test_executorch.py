@@ -66,7 +66,7 @@ def test_fp32_gqa_scaled_rope_portable_matches_eager(export_artifact, gqa_model)
 def test_int4_random_weights_bounded(export_artifact, tiny, tiny_quant):
     """int4 vs eager with the same codes/scales and 8da activations: a |dlogit| bound."""
     be = load(export_artifact("executorch", "tiny", "int4", "portable"), threads=1)
-    ref = EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant, dynamic_activations=True,
+    ref = EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant, activations=True,
                                    tokenizer=be.tokenizer)
     ids = be.tokenizer.encode(PROMPT * 4)[:48]
     stats = parity.teacher_forced(be, ref, ids, 16)
@@ -110,7 +110,7 @@ def test_xnnpack_8da4w_linear_is_the_reference_arithmetic():
     g = torch.Generator().manual_seed(0)
     qw = quantize_weight(torch.randn(96, 128, generator=g) * 0.05, 32)
     lin = nn.Linear(128, 96, bias=False)
-    lin.weight = nn.Parameter(intx_tensor(qw, dynamic_activations=True), requires_grad=False)
+    lin.weight = nn.Parameter(intx_tensor(qw, activations=True), requires_grad=False)
     x = torch.randn(5, 128, generator=g) * 2
     et, census = lower_program(torch.export.export(lin, (x,), strict=False), {})
     assert census["delegates"] == 1 and not census["outside"], census
@@ -127,12 +127,12 @@ def test_scales_off_the_bf16_grid_are_refused():
     qw = quantize_weight(torch.randn(8, 64), 32)
     qw.scales = qw.scales * (1 + 2.0 ** -10)  # fp16-exact is not enough
     with pytest.raises(ValueError, match="bf16"):
-        intx_tensor(qw, dynamic_activations=True)
+        intx_tensor(qw, activations=True)
 
 
 @pytest.fixture(scope="module")
 def smollm2_ref(smollm2, smollm2_quant):
-    return EagerBackend.from_loaded(smollm2, int4=True, quantization=smollm2_quant, dynamic_activations=True)
+    return EagerBackend.from_loaded(smollm2, int4=True, quantization=smollm2_quant, activations=True)
 
 
 @pytest.fixture(scope="module")

@@ -88,14 +88,14 @@ def test_int4_acc4_matches_the_block_int8_reference(export_artifact, tiny, tiny_
     boundary can round the other way (MLAS quantizes a multi-row prefill with its own float
     ops), and the one-level step it makes spreads through the cache, hence a median and a max."""
     cand = _onnx(export_artifact("onnx", "tiny", "int4"))
-    assert cand.accuracy_level == 4 and cand.activation_quantization == "int8-block-sym"
-    ref = EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant, dynamic_activations="int8-block-sym")
+    assert cand.accuracy_level == 4 and cand.activation_scheme == "int8-block-sym"
+    ref = EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant, activations="int8-block-sym")
     st = teacher_forced(cand, ref, _ids(tiny.config.vocab_size, 60, seed=3), 7)
     median = float(np.median(st.rel))
     print(f"tiny int4 acc4 vs int8-block-sym reference: median rel {median:.2e}, max rel {st.max_rel:.2e}")
     assert median <= 1e-5, f"median |Δlogit|/max|logit| = {median:.2e} (weight-only would be ~5e-3)"
     assert st.max_rel <= 5e-2, f"max |Δlogit|/max|logit| = {st.max_rel:.2e}"
-    assert _onnx(export_artifact("onnx", "tiny", "int4"), accuracy_level=0).activation_quantization is None
+    assert _onnx(export_artifact("onnx", "tiny", "int4"), accuracy_level=0).activation_scheme is None
 
 
 def _assert_codes_equal(art, quant):
@@ -190,7 +190,7 @@ def smol_int4_ref(smollm2, smollm2_quant):
 def smol_int4_a8_ref(smollm2, smollm2_quant):
     """The int4 reference plus MatMulNBits accuracy_level 4's int8 per-block activations."""
     return EagerBackend.from_loaded(smollm2, int4=True, quantization=smollm2_quant,
-                                    dynamic_activations="int8-block-sym")
+                                    activations="int8-block-sym")
 
 
 def test_matmulnbits_acc4_is_block_int8_activation_arithmetic():

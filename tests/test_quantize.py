@@ -196,7 +196,7 @@ def test_dynamic_activations_close(smollm2, smollm2_quant, held_tokens):
     tokens = held_tokens[:128]
     m = apply_reference(smollm2.decoder(), smollm2_quant)
     _, a = _ppl(m, tokens)
-    m8 = apply_reference(smollm2.decoder(), smollm2_quant, dynamic_activations=True)
+    m8 = apply_reference(smollm2.decoder(), smollm2_quant, activations=True)
     assert dict(m8.named_parameters()).keys() == dict(m.named_parameters()).keys()
     _, b = _ppl(m8, tokens)
     diff = (a - b).abs().max().item()
@@ -220,7 +220,7 @@ def test_fake_quant_matches_torchao_8da4w_linear():
     ours = torch.nn.Linear(128, 48, bias=False)
     ours.weight.data = lin.weight.data.clone()
     q = Quantization(QuantConfig(embedding_bits=None), {"weight": qw})
-    apply_reference(ours, q, dynamic_activations=True)
+    apply_reference(ours, q, activations=True)
 
     ao = torch.nn.Linear(128, 48, bias=False)
     ao.weight.data = lin.weight.data.clone()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from edgellm.model import LoadedModel, model_from_manifest, resolve_model
-from edgellm.quantization import Quantization, activation_scheme, apply_reference, quantize
+from edgellm.quantization import Quantization, apply_reference, resolve_activation_scheme, quantize
 from runtime.backend import Backend, BackendOptions, Capabilities, register
 
 
@@ -39,7 +39,7 @@ class EagerBackend(Backend):
         # runtime sets OMP_NUM_THREADS=1 for XNNPACK/ORT; eager PyTorch still uses every core.
         self.threads = threads or os.cpu_count() or 1
         self.pos = 0
-        self.activation_quantization: str | None = None
+        self.activation_scheme: str | None = None
         self.quantization: Quantization | None = None
 
     @torch.no_grad()
@@ -73,28 +73,28 @@ class EagerBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(activation_quantization=self.activation_quantization, perturbation=True, threads=True)
+        return Capabilities(activation_scheme=self.activation_scheme, perturbation=True, threads=True)
 
     @classmethod
     def from_artifact(cls, directory, manifest, tokenizer, options):
         raise ValueError("eager PyTorch runs no artifact; use eager:RECIPE_OR_CHECKPOINT")
 
     @classmethod
-    def from_loaded(cls, loaded, int4: bool = False, quantization=None, dynamic_activations: bool | str = False,
+    def from_loaded(cls, loaded, int4: bool = False, quantization=None, activations: bool | str = False,
                     tokenizer=None, threads: int | None = None) -> "EagerBackend":
         model = loaded.decoder()
         label = "fp32"
         quant = None
         if int4:
             quant = quantization or quantize_model(loaded)
-            apply_reference(model, quant, dynamic_activations=dynamic_activations)
-            scheme = activation_scheme(dynamic_activations)
+            apply_reference(model, quant, activations=activations)
+            scheme = resolve_activation_scheme(activations)
             label = "int4" + (f"+{scheme}" if scheme else "")
         if tokenizer is None:
             tokenizer = loaded.tokenizer()
         backend = cls(model, tokenizer, name=f"eager:{loaded.recipe.name}:{label}", threads=threads)
         backend.quantization = quant  # reusable for a second reference (e.g. other activation arithmetic)
-        backend.activation_quantization = activation_scheme(dynamic_activations) if int4 else None
+        backend.activation_scheme = resolve_activation_scheme(activations) if int4 else None
         return backend
 
     @classmethod

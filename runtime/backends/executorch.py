@@ -51,9 +51,9 @@ class ExecuTorchBackend(Backend):
     accepts = frozenset({"tokenizer", "threads"})
 
     def __init__(self, pte: Path, tokenizer, max_seq_len: int, vocab_size: int, name: str = "executorch",
-                 threads: int | None = None, custom_ops: bool = False, activation_quantization: str | None = None):
+                 threads: int | None = None, custom_ops: bool = False, activation_scheme: str | None = None):
         self.pte = Path(pte)
-        self.activation_quantization = activation_quantization
+        self.activation_scheme = activation_scheme
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
@@ -80,7 +80,7 @@ class ExecuTorchBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(activation_quantization=self.activation_quantization, threads=True)
+        return Capabilities(activation_scheme=self.activation_scheme, threads=True)
 
     @classmethod
     def from_artifact(cls, directory: Path, manifest: dict[str, Any], tokenizer,
@@ -89,4 +89,4 @@ class ExecuTorchBackend(Backend):
         return cls(directory / manifest["artifact"], tokenizer, int(manifest["max_seq_len"]),
                    int(manifest["vocab_size"]), name=manifest.get("name", "executorch"), threads=options.threads,
                    custom_ops=bool(et.get("custom_ops")),
-                   activation_quantization="int8-token-asym" if et.get("linear_scheme") == "8da4w" else None)
+                   activation_scheme="int8-token-asym" if et.get("linear_scheme") == "8da4w" else None)

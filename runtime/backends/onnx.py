@@ -83,7 +83,7 @@ class OnnxBackend(Backend):
         self.accuracy_level = accuracy_level if accuracy_level is not None else io.get("matmulnbits_accuracy_level")
         level = f":acc{self.accuracy_level}" if self.accuracy_level is not None else ""
         int4 = (manifest.get("quantization") or {}).get("scheme", "none") != "none"
-        self.activation_quantization = "int8-block-sym" if int4 and self.accuracy_level == 4 else None
+        self.activation_scheme = "int8-block-sym" if int4 and self.accuracy_level == 4 else None
         self.name = name or f"onnx:{manifest.get('name', model_path.parent.name)}{level}"
         self.pos = 0
         self._past = [n for n in io["inputs"] if n.startswith("past_")]
@@ -125,7 +125,7 @@ class OnnxBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(activation_quantization=self.activation_quantization, threads=True)
+        return Capabilities(activation_scheme=self.activation_scheme, threads=True)
 
     @classmethod
     def from_artifact(cls, directory: Path, manifest: dict[str, Any], tokenizer,

@@ -54,7 +54,7 @@ PARTITIONERS = {"xnnpack": _xnnpack}  # a flavour names its partitioners; a new 
 
 # ---- the shared int4 quantization as torchao tensor subclasses ----
 
-def intx_tensor(qw, dynamic_activations: bool):
+def intx_tensor(qw, activations: bool):
     """``QuantizedWeight`` -> ``IntxUnpackedToInt8Tensor`` carrying exactly its codes and scales."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
@@ -69,7 +69,7 @@ def intx_tensor(qw, dynamic_activations: bool):
     if not torch.equal(scales.to(torch.bfloat16).to(torch.float32), scales):
         raise ValueError("int4 scales are not exact in bf16, which XNNPACK stores them as: the lowering would "
                          "round them a second time (quantize with edgellm.quantization, whose scales are)")
-    act = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if dynamic_activations else None
+    act = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if activations else None
     return IntxUnpackedToInt8Tensor(codes, scales, torch.zeros(scales.shape, dtype=torch.int8), torch.int4,
                                     (1, qw.group_size), torch.float32, act)
 
@@ -87,9 +87,9 @@ def attach_quantization(model: Decoder, quant) -> list[str]:
             if mod.in_features % qw.group_size:
                 raise ValueError(f"{name}: in_features {mod.in_features} is not a multiple of the group size "
                                  f"{qw.group_size}; XNNPACK's 4-bit linear needs whole groups")
-            mod.weight = nn.Parameter(intx_tensor(qw, dynamic_activations=True), requires_grad=False)
+            mod.weight = nn.Parameter(intx_tensor(qw, activations=True), requires_grad=False)
         elif isinstance(mod, nn.Embedding):
-            mod.weight = nn.Parameter(intx_tensor(qw, dynamic_activations=False), requires_grad=False)
+            mod.weight = nn.Parameter(intx_tensor(qw, activations=False), requires_grad=False)
         else:
             raise TypeError(f"quantized weight {name!r} belongs to a {type(mod).__name__}, not a Linear/Embedding")
         done.append(name)
