@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgellm.artifact import read_manifest
+from edgellm.artifact import dir_size, read_manifest
 from edgellm.tokenizer import Tokenizer
 from runtime import backends
 
@@ -86,6 +86,11 @@ class Backend(ABC):
     def from_artifact(cls, directory: Path, manifest: dict[str, Any], tokenizer: Tokenizer,
                       options: BackendOptions) -> "Backend":
         """The backend for a verified artifact (its tokenizer already resolved)."""
+
+    @classmethod
+    def inspect_model(cls, path: Path) -> dict[str, Any]:
+        """Structural facts about an artifact's model file (``python -m runtime inspect``)."""
+        return {"kind": cls.kind, "file": str(path), "size_bytes": dir_size(path)}
 
     @abstractmethod
     def _forward(self, ids: list[int], start: int) -> np.ndarray: ...

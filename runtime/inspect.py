@@ -13,6 +13,7 @@ can compare them with the shared quantization byte for byte.
 from __future__ import annotations
 
 from edgellm.artifact import dir_size, read_manifest
+from runtime.backend import backend_class
 
 from collections import Counter
 from pathlib import Path
@@ -193,13 +194,7 @@ def inspect_artifact(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     man = read_manifest(directory)
     path = directory / man["artifact"]
-    target = man.get("target")
-    if target == "coreml":
-        rep = inspect_coreml(path)
-    elif target == "onnx":
-        rep = inspect_onnx(path)
-    else:
-        rep = {"kind": target, "file": str(path), "size_bytes": dir_size(path)}
+    rep = backend_class(str(man.get("target"))).inspect_model(path)
     rep["artifact"] = str(directory)
     rep["manifest"] = {k: man.get(k) for k in ("name", "target", "flavour", "max_seq_len", "vocab_size",
                                                 "quantization", "transforms")}

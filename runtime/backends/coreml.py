@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backend import Backend, BackendOptions, register
+from runtime.inspect import inspect_coreml
 from runtime.mil_interpreter import MILInterpreter
 
 ENGINES = ("auto", "coreml", "interpreter")
@@ -47,6 +48,10 @@ class CoreMLBackend(Backend):
             self._state = self._model.make_state()
         else:
             self._interp = MILInterpreter(package)
+
+    @classmethod
+    def inspect_model(cls, path: Path) -> dict[str, Any]:
+        return inspect_coreml(path)
 
     @classmethod
     def from_artifact(cls, directory: Path, manifest: dict[str, Any], tokenizer,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backend import Backend, BackendOptions, Capabilities, register
+from runtime.inspect import inspect_onnx
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
@@ -126,6 +127,10 @@ class OnnxBackend(Backend):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(activation_scheme=self.activation_scheme, threads=True)
+
+    @classmethod
+    def inspect_model(cls, path: Path) -> dict[str, Any]:
+        return inspect_onnx(path)
 
     @classmethod
     def from_artifact(cls, directory: Path, manifest: dict[str, Any], tokenizer,
