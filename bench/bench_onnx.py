@@ -132,6 +132,7 @@ def build_peer(py: Path, hf: Path, out: Path) -> dict:
 PEER_MEASURE = r'''
 import importlib.util, json, os, sys
 bench_file, path = sys.argv[1], sys.argv[2]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(bench_file))))  # for edgellm.memory
 threads, max_len, n_prompt, n_decode, runs = (int(x) for x in sys.argv[3:8])
 spec = importlib.util.spec_from_file_location("edgellm_bench", bench_file)
 bench = importlib.util.module_from_spec(spec)

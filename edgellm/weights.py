@@ -6,13 +6,15 @@ file (memory-mapped, dequantized tensor by tensor). A tensor comes back in its s
 (bf16 stays bf16; GGUF's block formats come back fp32) with the decoder's own (HF LLaMA)
 name: format differences are absorbed by the checkpoint's architecture family
 (``edgellm.architectures``), so the decoder never branches on where its weights came from.
-``random_weights`` serves seeded random weights through the same interface.
+``random_weights`` serves seeded random weights through the same interface, each tensor a
+function of its name and the seed (so a 7B dry run never holds more than the tensor asked for).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -196,28 +198,27 @@ def load_checkpoint(path: str | Path, max_seq_len: int | None = None) -> tuple[M
 
 
 RANDOM_ORIGIN = re.compile(r"random\(seed=(\d+)\)")
+RANDOM_STD = 0.02
 
 
-def random_weights(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> Weights:
-    """Seeded random weights (normal, std 0.02; norms near 1) for dry runs.
-
-    Drawn from one generator in the decoder's state-dict order, so they are generated together
-    on first access (this keeps every seed's weights what they have always been).
-    """
+def decoder_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight the decoder of ``cfg`` holds, with its shape (built on the meta device)."""
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Decoder(cfg).state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
+        return {k: tuple(v.shape) for k, v in Decoder(cfg).state_dict().items()}
 
-    def read(name: str) -> torch.Tensor:
-        if not state:
-            gen = torch.Generator().manual_seed(seed)
-            for k, shape in shapes.items():
-                if k.endswith("norm.weight"):
-                    state[k] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-                elif k.endswith(".bias"):
-                    state[k] = 0.02 * torch.randn(shape, generator=gen)
-                else:
-                    state[k] = std * torch.randn(shape, generator=gen)
-        return state[name]
 
-    return Weights(shapes, read, f"random(seed={seed})")
+def random_tensor(name: str, shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One seeded random weight, a function of (name, seed) alone: norms near 1, everything else
+    normal with std 0.02. Any tensor can be made without making the others."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    if name.endswith("norm.weight"):
+        t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    else:
+        t = RANDOM_STD * torch.randn(shape, generator=gen)
+    return t.to(dtype)
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
+    """Seeded random weights for dry runs at any size, generated tensor by tensor on access."""
+    shapes = decoder_shapes(cfg)
+    return Weights(shapes, lambda name: random_tensor(name, shapes[name], seed), f"random(seed={seed})")

@@ -31,6 +31,8 @@ def main(argv=None) -> int:
                                      "onnx fast|portable (default fast), coreml fp16")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (recipes without a checkpoint)")
     p.add_argument("--n-layers", type=int, help="truncate the depth (dry runs of big recipes)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="export even if the estimated peak memory exceeds what this machine has available")
     args = p.parse_args(argv)
 
     import time
@@ -48,9 +50,10 @@ def main(argv=None) -> int:
 
             results = run_export(args.target, recipe=args.recipe, checkpoint=args.checkpoint, quant=args.quant,
                                  max_seq_len=args.max_seq_len, out=args.out, flavour=args.flavour,
-                                 seed=args.seed, n_layers=args.n_layers, progress=progress)
+                                 seed=args.seed, n_layers=args.n_layers, progress=progress,
+                                 memory_check=not args.skip_memory_check)
     except (EdgeLLMError, ValueError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 1
     table = Table(title=f"exported in {time.time() - t0:.1f}s")
     for col in ("target", "artifact", "size MB"):

@@ -8,12 +8,15 @@ writes its files through ``job.writer()`` (the one artifact contract).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from edgellm.artifact import ArtifactWriter, artifact_name
 from edgellm.decoder import Decoder
+from edgellm.errors import EdgeLLMError
+from edgellm.memory import available_bytes, peak_rss_mb, reset_peak_rss
 from edgellm.model import LoadedModel, resolve_model
 from edgellm.quantization import Quantization, apply_reference, quantize
 from edgellm.rope import frozen_note
@@ -30,6 +33,15 @@ class ExportJob:
     target: Target
     flavour_name: str | None = None  # as asked for (None = the target's default; not in the folder name)
     progress: Callable[[str], None] = print
+    # wall time and peak RSS per stage (shared stages such as load+quantize first), for the manifest
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        """Time one stage of this export and take its own peak RSS (see ``edgellm.memory``)."""
+        with measured_stage(f"{self.target.name}: {name}", self.progress) as record:
+            yield
+        self.stages[name] = record
 
     @property
     def flavour(self) -> Flavour:
@@ -64,6 +76,8 @@ class ExportJob:
             "bos_id": rec.bos_id, "eos_ids": rec.eos_ids, "chat_template": rec.chat_template,
             "quantization": self.quant.summary() if self.quant is not None else {"scheme": "none"},
             "transforms": list(transforms),
+            "export": {"stages": dict(self.stages), "seconds": round(sum(v["seconds"] for v in self.stages.values()), 2),
+                       "peak_rss_mb": max((v["peak_rss_mb"] for v in self.stages.values()), default=None)},
         }
         note = frozen_note(cfg.rope, cfg.max_seq_len)
         if note:
@@ -75,6 +89,17 @@ class ExportJob:
         tok = self.loaded.tokenizer()
         tok.save(writer.dir)
         return tok
+
+
+@contextmanager
+def measured_stage(label: str, progress=print):
+    """Yields a dict that, when the block ends, holds its wall seconds and peak RSS (MB)."""
+    record: dict[str, float] = {}
+    reset_peak_rss()
+    t = time.time()
+    yield record
+    record.update(seconds=round(time.time() - t, 2), peak_rss_mb=round(peak_rss_mb(), 1))
+    progress(f"{label}: {record['seconds']:.1f}s, peak RSS {record['peak_rss_mb']:.0f} MB")
 
 
 def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print) -> Quantization | None:
@@ -89,6 +114,38 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
     return q
 
 
+# What an export holds today, measured (ONNX, XGen-7B width cut to 2 layers: 9.4 GiB for 0.82B
+# parameters; SmolLM2: 2.05 GB for 0.135B): the fp32 decoder, the quantization and the traced
+# copies, ~12 bytes per parameter, above ~0.6 GB of libraries.
+EXPORT_BYTES_PER_PARAM = 12
+EXPORT_BASE_BYTES = 600 << 20
+
+
+class MemoryRefused(EdgeLLMError):
+    """The export's estimated peak exceeds the memory this machine has available."""
+
+
+def estimated_peak_bytes(cfg) -> int:
+    return EXPORT_BASE_BYTES + EXPORT_BYTES_PER_PARAM * cfg.num_parameters()
+
+
+def check_memory(loaded: LoadedModel, available: int | None = None) -> None:
+    """Refuse up front an export that would not fit, naming the numbers and a depth that would."""
+    available = available_bytes() if available is None else available
+    cfg = loaded.config
+    need = estimated_peak_bytes(cfg)
+    if available is None or need <= available:
+        return
+    per_layer = estimated_peak_bytes(replace(cfg, n_layers=1)) - estimated_peak_bytes(replace(cfg, n_layers=0))
+    fits = max(0, (available - estimated_peak_bytes(replace(cfg, n_layers=0))) // max(per_layer, 1))
+    hint = (f"--n-layers {min(fits, cfg.n_layers - 1)} would fit (a depth-truncated dry run)" if fits >= 1
+            else "no depth of this width fits")
+    raise MemoryRefused(
+        f"{loaded.recipe.name}: exporting {cfg.num_parameters() / 1e9:.2f}B parameters needs an estimated "
+        f"{need / 2**30:.1f} GiB ({EXPORT_BYTES_PER_PARAM} bytes/parameter + {EXPORT_BASE_BYTES >> 20} MiB) but "
+        f"{available / 2**30:.1f} GiB is available; {hint}, or pass --skip-memory-check to try anyway")
+
+
 def resolve_targets(names: list[str] | str, loaded: LoadedModel | None = None) -> list[Target]:
     """Targets by name; ``all`` = the recipe's ``targets`` (every registered target if it names none)."""
     names = [names] if isinstance(names, str) else list(names)
@@ -101,27 +158,30 @@ def resolve_targets(names: list[str] | str, loaded: LoadedModel | None = None) -
 def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant: str | None = None,
                max_seq_len: int | None = None, out: str | Path = "out", flavour: str | None = None,
                seed: int = 0, n_layers: int | None = None, progress=print, loaded: LoadedModel | None = None,
-               quantization: Quantization | None = None) -> dict[str, Path]:
+               quantization: Quantization | None = None, memory_check: bool = True) -> dict[str, Path]:
     """Export to each target from one load and one quantization; returns {target: artifact dir}.
 
     ``loaded``/``quantization`` let callers (tests, benches) reuse an already computed model
     and quantization instead of recomputing them.
     """
+    shared: dict[str, dict[str, float]] = {}
     if loaded is None:
-        t = time.time()
         loaded = resolve_model(checkpoint, recipe, max_seq_len=max_seq_len, seed=seed, n_layers=n_layers)
-        progress(f"loaded {loaded.recipe.name} ({loaded.origin}) in {time.time() - t:.1f}s")
+        progress(f"{loaded.recipe.name}: weights from {loaded.origin}")
     chosen = resolve_targets(targets, loaded)
     for t in chosen:  # fail before any heavy work
         t.flavour(flavour)
+    if memory_check:
+        check_memory(loaded)
     if quant == "none":
         quantization = None
     elif quantization is None:
-        quantization = quantize_for(loaded, quant, progress)
+        with measured_stage("load+quantize", progress) as shared["load+quantize"]:
+            quantization = quantize_for(loaded, quant, progress)
     results = {}
     for target in chosen:
         t = time.time()
-        job = ExportJob(loaded, quantization, Path(out), target, flavour, progress)
+        job = ExportJob(loaded, quantization, Path(out), target, flavour, progress, stages=dict(shared))
         results[target.name] = target.lower(job)
         progress(f"{target.name}: wrote {results[target.name]} in {time.time() - t:.1f}s")
     return results

@@ -7,15 +7,15 @@ from the tokenizer's plain vocabulary) so every backend sees the same work.
 There is one timing loop, ``measure_calls`` (prefill and decode given as callables, so a peer
 runtime that is not a Backend is timed by the same code; ``measure`` is it on a Backend), and
 one peak-RSS reading, ``peak_rss_mb`` (``run_measured`` reports it for a child process). This
-module imports only the standard library and numpy at load time, so a peer's own virtualenv
-can load this file by path (``importlib.util.spec_from_file_location``, registered in
-``sys.modules`` for its dataclass) without the rest of edgellm.
+module imports only the standard library, numpy and ``edgellm.memory`` (standard library only)
+at load time, so a peer's own virtualenv can load this file by path
+(``importlib.util.spec_from_file_location``, registered in ``sys.modules`` for its dataclass,
+with the repository root on ``sys.path``) without torch or the rest of edgellm.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import sys
 import time
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+from edgellm.memory import peak_rss_mb
 
 if TYPE_CHECKING:  # not imported at run time: see the module docstring
     from runtime.backend import Backend
@@ -47,18 +49,6 @@ class BenchResult:
     def from_dict(cls, d: dict[str, Any], **overrides) -> "BenchResult":
         """From ``to_dict()`` output (keys it does not know are ignored)."""
         return cls(**{f.name: overrides.get(f.name, d.get(f.name)) for f in fields(cls)})
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process. Linux: VmHWM, which belongs to the process's own address space;
-    ru_maxrss also counts the pages of the parent it was forked from (a bench parent holding
-    torch and a model makes every child look as large as itself)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024.0
-    except (OSError, StopIteration):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB on Linux
 
 
 # Runs a script, ``-m module`` or ``-c code`` in a fresh interpreter and prints its peak RSS at

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from helpers import model_from_hf_config
 
-from edgellm.artifact import read_manifest
 from runtime.backend import CacheOverflowError
 from runtime.backends.eager import EagerBackend
 from runtime.parity import all_logits, compare_logits, greedy_prefix, noise_floor, perplexity, teacher_forced

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
 from edgellm.quantization import (
-    QuantizedWeight,
     Quantization,
     apply_reference,
     fake_quantize_activation,

@@ -23,7 +23,7 @@ from edgellm.tokenizer import builders as tb  # noqa: E402
 from edgellm.assets import fetch  # noqa: E402
 from helpers import SMOLLM2_CHAT, XGEN_INST, XVERSE_CHAT  # noqa: E402
 from edgellm.tokenizer import load_tokenizer  # noqa: E402
-from edgellm.tokenizer.core import CHATML, Tokenizer, render_chat  # noqa: E402
+from edgellm.tokenizer.core import CHATML, render_chat  # noqa: E402
 
 tokenizers = pytest.importorskip("tokenizers")
 RT = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -30,6 +30,8 @@ class Architecture:
     gguf_architectures: tuple[str, ...]
     config_from_hf: Callable[[dict[str, Any], int | None], ModelConfig]
     hf_tensor_name: Callable[[str], str | None]  # checkpoint name -> decoder name (None = not a weight)
+    hf_config: Callable[[ModelConfig, str], dict[str, Any]] | None = None  # config -> config.json of a model_type
+    hf_checkpoint_name: Callable[[str], str] | None = None  # decoder name -> checkpoint name
     config_from_gguf: Callable[[Any, int | None], ModelConfig] | None = None
     gguf_tensor_name: Callable[[str], str | None] | None = None
     # (decoder name, tensor, config) -> tensor: format-specific layout fixes (e.g. Q/K permutation)
@@ -65,6 +67,10 @@ def for_hf(hf: dict[str, Any]) -> Architecture:
             return arch
     known = sorted(t for a in _discover().values() for t in a.hf_model_types)
     raise ArchitectureError(f"unsupported model_type {model_type!r} in config.json; edgellm supports {', '.join(known)}")
+
+
+def for_model_type(model_type: str) -> Architecture:
+    return for_hf({"model_type": model_type})
 
 
 def for_gguf(gguf_arch: str | None) -> Architecture:

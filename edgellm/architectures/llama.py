@@ -37,6 +37,43 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelC
     )
 
 
+def hf_config(cfg: ModelConfig, model_type: str = "llama") -> dict[str, Any]:
+    """``config.json`` as the published checkpoints of ``model_type`` spell it (inverse of
+    ``config_from_hf``; ``max_position_embeddings`` = the cache capacity)."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "xverse": "XverseForCausalLM"}[model_type]
+    d: dict[str, Any] = {
+        "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_theta": cfg.rope.theta, "torch_dtype": "bfloat16",
+    }
+    if model_type != "xverse" or cfg.n_kv_heads != cfg.n_heads:  # XVERSE's config has no such key
+        d["num_key_value_heads"] = cfg.n_kv_heads
+    if cfg.head_dim != cfg.dim // cfg.n_heads:
+        d["head_dim"] = cfg.head_dim
+    if cfg.attention_bias or cfg.o_bias:
+        d["attention_bias"] = True
+    if cfg.mlp_bias:
+        d["mlp_bias"] = True
+    r = cfg.rope
+    if r.partial_rotary_factor != 1.0:
+        d["partial_rotary_factor"] = r.partial_rotary_factor
+    if r.type == "ntk":
+        d["rope_scaling"] = {"type": "ntk", "alpha": r.alpha}
+    elif r.type != "default":
+        keys = {"linear": ("factor",), "dynamic": ("factor", "original_max_position_embeddings"),
+                "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                         "mscale_all_dim", "attention_factor", "truncate"),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        d["rope_scaling"] = {"rope_type": r.type, **{k: getattr(r, k) for k in keys[r.type] if getattr(r, k) is not None}}
+    return d
+
+
+def hf_checkpoint_name(name: str) -> str:
+    return name if name == "lm_head.weight" else f"model.{name}"
+
+
 def hf_tensor_name(name: str) -> str | None:
     if name.endswith("rotary_emb.inv_freq"):
         return None
@@ -114,5 +151,6 @@ def config_from_gguf(reader, max_seq_len: int | None = None) -> ModelConfig:
 
 LLAMA = register(Architecture(
     name="llama", hf_model_types=("llama", "xverse", "mistral"), gguf_architectures=("llama",),
-    config_from_hf=config_from_hf, hf_tensor_name=hf_tensor_name, config_from_gguf=config_from_gguf,
+    config_from_hf=config_from_hf, hf_tensor_name=hf_tensor_name, hf_config=hf_config,
+    hf_checkpoint_name=hf_checkpoint_name, config_from_gguf=config_from_gguf,
     gguf_tensor_name=gguf_tensor_name, gguf_tensor_fix=gguf_tensor_fix))

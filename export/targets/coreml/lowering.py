@@ -188,16 +188,19 @@ def quantize_weights(mlmodel, quant, progress=print):
 
 def lower(job) -> Path:
     cap = job.loaded.config.max_seq_len
-    model = job.decoder(quantized_reference=True)
-    mlmodel = convert(model, cap, job.progress)
-    applied = list(model.transforms)
-    del model
+    with job.stage("convert"):
+        model = job.decoder(quantized_reference=True)
+        mlmodel = convert(model, cap, job.progress)
+        applied = list(model.transforms)
+        del model
     replaced = {}
     if job.quant is not None:
-        mlmodel, replaced = quantize_weights(mlmodel, job.quant, job.progress)
+        with job.stage("int4 weights"):
+            mlmodel, replaced = quantize_weights(mlmodel, job.quant, job.progress)
     with job.writer() as w:
-        mlmodel.save(str(w.path(PACKAGE)))
-        job.write_tokenizer(w)
+        with job.stage("write"):
+            mlmodel.save(str(w.path(PACKAGE)))
+            job.write_tokenizer(w)
         manifest = job.manifest(PACKAGE, applied, coreml={
             "minimum_deployment_target": "iOS18", "compute_precision": "fp16 (RMSNorm statistics, mask fp32)",
             "inputs": {"tokens": "int32[1, T]", "input_pos": "int32[T]", "T": [1, cap - 1]},

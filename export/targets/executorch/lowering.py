@@ -18,7 +18,6 @@ is 4-bit weight-only, both built from the codes and scales of the shared quantiz
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -158,24 +157,23 @@ def exported_program(job):
     if job.quant is not None:
         quantized = attach_quantization(model, job.quant)
         job.progress(f"executorch: {len(quantized)} weights as int4 (8da4w linears, 4-bit embedding)")
-    t = time.time()
     ep = export_program(model, job.loaded.config.max_seq_len)
-    job.progress(f"executorch: torch.export in {time.time() - t:.1f}s")
     return ep, model, quantized
 
 
 def lower(job) -> Path:
     cfg, flavour = job.loaded.config, job.flavour
-    ep, model, quantized = exported_program(job)
-    t = time.time()
-    et, census = lower_program(ep, constant_methods(job), flavour.options["partitioners"])
+    with job.stage("trace"):
+        ep, model, quantized = exported_program(job)
+    with job.stage("lower"):
+        et, census = lower_program(ep, constant_methods(job), flavour.options["partitioners"])
     outside = ", ".join(f"{k} x{v}" for k, v in census["outside"].items()) or "none"
-    job.progress(f"executorch: lowered in {time.time() - t:.1f}s; {census['delegates']} delegate calls; "
-                 f"ops outside delegates: {outside}")
+    job.progress(f"executorch: {census['delegates']} delegate calls; ops outside delegates: {outside}")
     with job.writer() as w:
-        w.path(PTE_FILE).write_bytes(et.buffer)
-        job.write_tokenizer(w)
-        runner_json.write(Tokenizer.load(w.dir), w.dir)  # as read back, for ExecuTorch's TextLLMRunner
+        with job.stage("write"):
+            w.path(PTE_FILE).write_bytes(et.buffer)
+            job.write_tokenizer(w)
+            runner_json.write(Tokenizer.load(w.dir), w.dir)  # as read back, for ExecuTorch's TextLLMRunner
         manifest = job.manifest(PTE_FILE, model.transforms, executorch={
             "flavour": flavour.name, "method": "forward", "dynamic_tokens": [1, cfg.max_seq_len - 1],
             "custom_ops": bool(flavour.options["custom_ops"]), "partitioners": list(flavour.options["partitioners"]),

@@ -24,7 +24,6 @@ The traced graph is then rewritten with onnx-ir, never re-derived:
 from __future__ import annotations
 
 import ast
-import time
 from pathlib import Path
 
 import numpy as np
@@ -271,19 +270,19 @@ def read_int4(model_path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 
 def lower(job) -> Path:
     flavour = job.flavour
-    model = job.decoder()
-    cfg = model.config
-    t0 = time.time()
-    job.progress(f"onnx: tracing {job.loaded.recipe.name} ({cfg.n_layers} layers, cache {cfg.max_seq_len})")
-    onnx_model = trace(model)
-    job.progress(f"onnx: traced in {time.time() - t0:.1f}s")
-    cos, sin = model.rope.cos.numpy(), model.rope.sin.numpy()
-    applied = list(model.transforms)
-    del model
-    if job.quant is not None:
-        apply_int4(onnx_model, job.quant, cfg, job.progress)
-    if flavour.options["fuse"]:
-        fuse_for_ort_cpu(onnx_model, cfg, cos, sin, job.progress)
+    with job.stage("trace"):
+        model = job.decoder()
+        cfg = model.config
+        job.progress(f"onnx: tracing {job.loaded.recipe.name} ({cfg.n_layers} layers, cache {cfg.max_seq_len})")
+        onnx_model = trace(model)
+        cos, sin = model.rope.cos.numpy(), model.rope.sin.numpy()
+        applied = list(model.transforms)
+        del model
+    with job.stage("rewrite"):
+        if job.quant is not None:
+            apply_int4(onnx_model, job.quant, cfg, job.progress)
+        if flavour.options["fuse"]:
+            fuse_for_ort_cpu(onnx_model, cfg, cos, sin, job.progress)
     onnx_model.producer_name = "edgellm"
     if any(n.domain == MS for n in onnx_model.graph):
         onnx_model.opset_imports[MS] = 1
@@ -291,9 +290,10 @@ def lower(job) -> Path:
                        if v.const_value is not None)
     external = weight_bytes >= EXTERNAL_DATA_ABOVE
     with job.writer() as w:
-        save(onnx_model, w.path(MODEL_FILE), external)
-        check(w.path(MODEL_FILE))
-        job.write_tokenizer(w)
+        with job.stage("write"):
+            save(onnx_model, w.path(MODEL_FILE), external)
+            check(w.path(MODEL_FILE))
+            job.write_tokenizer(w)
         in_names, out_names = io_names(cfg.n_layers)
         ops = sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in onnx_model.graph})
         manifest = job.manifest(MODEL_FILE, applied, onnx={
