@@ -64,12 +64,28 @@ def _scale_grid(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(SCALE_TINY, SCALE_MAX).to(torch.bfloat16).to(torch.float32)
 
 
-@dataclass
 class QuantizedWeight:
-    codes: torch.Tensor  # int8 [rows, cols]; symmetric [-8, 7], asymmetric [0, 15]
-    scales: torch.Tensor  # float32 [rows, cols // group_size], exact in bf16 and fp16
-    zero_points: torch.Tensor | None  # int8 [rows, cols // group_size] (asymmetric) or None
-    group_size: int
+    """One quantized tensor, held at 4 bits per code (two codes a byte), so a streamed 7B
+    quantization stays ~0.55 bytes per parameter; ``codes`` unpacks on access.
+
+    codes: int8 [rows, cols]; symmetric [-8, 7], asymmetric [0, 15]
+    scales: float32 [rows, cols // group_size], exact in bf16 and fp16
+    zero_points: int8 [rows, cols // group_size] (asymmetric) or None
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, group_size: int):
+        if codes.dim() != 2 or codes.shape[1] % 2:
+            raise ValueError(f"int4 codes must be 2-D with an even number of columns, got {tuple(codes.shape)}")
+        self.scales, self.zero_points, self.group_size = scales, zero_points, group_size
+        self._shape = codes.shape
+        u = (codes.to(torch.int16) + (8 if zero_points is None else 0)).to(torch.uint8)
+        self.packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()  # element 2j in the low nibble
+
+    @property
+    def codes(self) -> torch.Tensor:
+        out = torch.empty(self._shape, dtype=torch.int16)
+        out[:, 0::2], out[:, 1::2] = self.packed & 0xF, self.packed >> 4
+        return (out - (8 if self.zero_points is None else 0)).to(torch.int8)
 
     @property
     def symmetric(self) -> bool:
@@ -85,7 +101,7 @@ class QuantizedWeight:
 
     @property
     def shape(self) -> torch.Size:
-        return self.codes.shape
+        return self._shape
 
     def dequantize(self) -> torch.Tensor:
         """float32 [rows, cols] = torchao ``dequantize_affine(codes, (1, g), scales, zero_points)``."""
@@ -95,7 +111,7 @@ class QuantizedWeight:
 
     def nbytes(self) -> int:
         """Packed size: 4 bits per code, 2 bytes (fp16) per scale, 4 bits per zero point."""
-        n = self.codes.numel() // 2 + self.scales.numel() * 2
+        n = self.packed.numel() + self.scales.numel() * 2
         if self.zero_points is not None:
             n += (self.zero_points.numel() + 1) // 2
         return n
