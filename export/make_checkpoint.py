@@ -92,7 +92,10 @@ def write_checkpoint(recipe: str, out: str | Path, *, seed: int = 0, n_layers: i
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         tok = _tokenizer(rec, cfg, progress)
         tok.save(tmp)
-        runner_json.write(tok, tmp)  # tokenizer.json (HF format)
+        try:
+            runner_json.write(tok, tmp)  # tokenizer.json (HF format), where the ranks are expressible as merges
+        except ValueError as e:  # XGen's published tokenizer is tiktoken code, not a tokenizer.json either
+            progress(f"no tokenizer.json ({e}); the tiktoken files carry the tokenizer")
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

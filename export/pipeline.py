@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from edgellm.artifact import ArtifactWriter, artifact_name
 from edgellm.decoder import Decoder
 from edgellm.errors import EdgeLLMError
@@ -56,9 +58,12 @@ class ExportJob:
         q = self.quant_name + (f"-{self.flavour_name}" if self.flavour_name else "")
         return artifact_name(self.loaded.recipe.name, self.target.name, q)
 
-    def decoder(self, quantized_reference: bool = False) -> Decoder:
-        """The decoder in this flavour's formulation, with fp32 weights or (``quantized_reference``)
-        the dequantized int4 ones."""
+    def decoder(self, quantized_reference: bool = False, meta: bool = False) -> Decoder:
+        """The decoder in this flavour's formulation, with fp32 weights, (``quantized_reference``)
+        the dequantized int4 ones, or (``meta``) none: on the meta device, to trace without weights."""
+        if meta:
+            with torch.device("meta"):
+                return transforms.apply(Decoder(self.loaded.config), list(self.flavour.transforms))
         model = self.loaded.decoder()
         if quantized_reference and self.quant is not None:
             apply_reference(model, self.quant)
@@ -114,10 +119,8 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
     return q
 
 
-# What an export holds today, measured (ONNX, XGen-7B width cut to 2 layers: 9.4 GiB for 0.82B
-# parameters; SmolLM2: 2.05 GB for 0.135B): the fp32 decoder, the quantization and the traced
-# copies, ~12 bytes per parameter, above ~0.6 GB of libraries.
-EXPORT_BYTES_PER_PARAM = 12
+# Peak memory of an export above ~0.6 GB of libraries, per parameter: each target declares its
+# own measured figure (``Target.bytes_per_parameter``); see the README's scale section.
 EXPORT_BASE_BYTES = 600 << 20
 
 
@@ -125,24 +128,26 @@ class MemoryRefused(EdgeLLMError):
     """The export's estimated peak exceeds the memory this machine has available."""
 
 
-def estimated_peak_bytes(cfg) -> int:
-    return EXPORT_BASE_BYTES + EXPORT_BYTES_PER_PARAM * cfg.num_parameters()
+def estimated_peak_bytes(cfg, bytes_per_parameter: float) -> int:
+    return int(EXPORT_BASE_BYTES + bytes_per_parameter * cfg.num_parameters())
 
 
-def check_memory(loaded: LoadedModel, available: int | None = None) -> None:
+def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | None = None) -> None:
     """Refuse up front an export that would not fit, naming the numbers and a depth that would."""
     available = available_bytes() if available is None else available
     cfg = loaded.config
-    need = estimated_peak_bytes(cfg)
+    worst = max(chosen, key=lambda t: t.bytes_per_parameter)
+    bpp = worst.bytes_per_parameter
+    need = estimated_peak_bytes(cfg, bpp)
     if available is None or need <= available:
         return
-    per_layer = estimated_peak_bytes(replace(cfg, n_layers=1)) - estimated_peak_bytes(replace(cfg, n_layers=0))
-    fits = max(0, (available - estimated_peak_bytes(replace(cfg, n_layers=0))) // max(per_layer, 1))
+    per_layer = estimated_peak_bytes(replace(cfg, n_layers=1), bpp) - estimated_peak_bytes(replace(cfg, n_layers=0), bpp)
+    fits = max(0, (available - estimated_peak_bytes(replace(cfg, n_layers=0), bpp)) // max(per_layer, 1))
     hint = (f"--n-layers {min(fits, cfg.n_layers - 1)} would fit (a depth-truncated dry run)" if fits >= 1
             else "no depth of this width fits")
     raise MemoryRefused(
-        f"{loaded.recipe.name}: exporting {cfg.num_parameters() / 1e9:.2f}B parameters needs an estimated "
-        f"{need / 2**30:.1f} GiB ({EXPORT_BYTES_PER_PARAM} bytes/parameter + {EXPORT_BASE_BYTES >> 20} MiB) but "
+        f"{loaded.recipe.name}: exporting {cfg.num_parameters() / 1e9:.2f}B parameters to {worst.name} needs an "
+        f"estimated {need / 2**30:.1f} GiB ({bpp:g} bytes/parameter + {EXPORT_BASE_BYTES >> 20} MiB) but "
         f"{available / 2**30:.1f} GiB is available; {hint}, or pass --skip-memory-check to try anyway")
 
 
@@ -172,7 +177,7 @@ def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant:
     for t in chosen:  # fail before any heavy work
         t.flavour(flavour)
     if memory_check:
-        check_memory(loaded)
+        check_memory(loaded, chosen)
     if quant == "none":
         quantization = None
     elif quantization is None:

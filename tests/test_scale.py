@@ -54,12 +54,16 @@ def test_bf16_checkpoint_is_read_in_its_stored_dtype(tmp_path):
 
 
 def test_memory_refusal_names_the_numbers_and_a_depth_that_fits():
+    from export import targets
+
     loaded = resolve_model(recipe="xgen-7b-8k-base")
-    need = estimated_peak_bytes(loaded.config)
-    check_memory(loaded, available=need)  # fits exactly: no error
-    with pytest.raises(MemoryRefused, match=r"6\.90B parameters needs an estimated 77\.7 GiB .* 24\.0 GiB is "
-                                            r"available; --n-layers 8 would fit"):
-        check_memory(loaded, available=24 << 30)
+    et, onnx = targets.get("executorch"), targets.get("onnx")
+    need = estimated_peak_bytes(loaded.config, et.bytes_per_parameter)
+    check_memory(loaded, [et, onnx], available=need)  # fits exactly: no error
+    with pytest.raises(MemoryRefused, match=r"6\.90B parameters to executorch needs an estimated 77\.7 GiB .* "
+                                            r"24\.0 GiB is available; --n-layers 8 would fit"):
+        check_memory(loaded, [onnx, et], available=24 << 30)
+    check_memory(loaded, [onnx], available=40 << 30)  # traced without weights: 5 bytes/parameter fit in 40 GiB
 
 
 def test_export_cli_refuses_before_any_work(tmp_path):
@@ -78,3 +82,37 @@ def test_manifest_records_each_stage(export_artifact):
     for v in stages.values():
         assert v["seconds"] >= 0 and 100 < v["peak_rss_mb"] < 20000
     assert m["export"]["peak_rss_mb"] == max(v["peak_rss_mb"] for v in stages.values())
+
+
+def test_onnx_traced_without_weights_equals_the_traced_model(tiny):
+    """The weight-free trace (meta decoder, initializers filled one by one, then optimized) gives
+    the graph and constants the exporter gives for the decoder with its weights."""
+    from collections import Counter
+
+    import numpy as np
+
+    from export import targets
+    from export.pipeline import ExportJob
+    from export.targets.onnx import lowering
+
+    job = ExportJob(tiny, None, "/nonexistent", targets.get("onnx"), "portable", progress=lambda s: None)
+    donor = lowering._buffer_donor(job)
+    without = lowering.trace(job.decoder(meta=True), lowering._initializer_source(job, donor))
+    with_weights = lowering.trace(job.decoder())
+    assert Counter(n.op_type for n in without.graph) == Counter(n.op_type for n in with_weights.graph)
+    def constants(model):
+        """Named weights by name; constants the optimizer folded (named val_N, numbered in
+        trace order) as a sorted list of (dtype, shape, bytes)."""
+        named, folded = {}, []
+        for name, v in model.graph.initializers.items():
+            x = v.const_value.numpy()
+            if name.startswith("val_"):
+                folded.append((x.dtype.str, x.shape, x.tobytes()))
+            else:
+                named[name] = x
+        return named, sorted(folded)
+
+    (named_a, folded_a), (named_b, folded_b) = constants(without), constants(with_weights)
+    assert folded_a == folded_b and set(named_a) == set(named_b)
+    for name in named_a:
+        assert np.array_equal(named_a[name], named_b[name]), name

@@ -31,6 +31,8 @@ class Target:
 
     name: ClassVar[str]
     flavours: ClassVar[tuple[Flavour, ...]]
+    # measured peak export memory per parameter (above the libraries), for the up-front check
+    bytes_per_parameter: ClassVar[float] = 12.0
 
     @property
     def default_flavour(self) -> Flavour:

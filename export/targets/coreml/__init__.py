@@ -10,6 +10,7 @@ from export.targets.coreml import lowering
 class CoreML(Target):
     name = "coreml"
     flavours = lowering.FLAVOURS
+    bytes_per_parameter = 12.0  # fp32 decoder traced, fp16 program converted (see the README's scale section)
 
     def lower(self, job):
         return lowering.lower(job)

@@ -10,6 +10,7 @@ from export.targets.executorch import lowering
 class ExecuTorch(Target):
     name = "executorch"
     flavours = lowering.FLAVOURS
+    bytes_per_parameter = 12.0  # the fp32 decoder is traced and lowered (see the README's scale section)
 
     def lower(self, job):
         return lowering.lower(job)

@@ -24,15 +24,17 @@ The traced graph is then rewritten with onnx-ir, never re-derived:
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgellm.decoder import Decoder
+from export import transforms
 from export.targets import Flavour
 from export.targets.onnx.fusion import fuse_for_ort_cpu
-from export.targets.onnx.graph import (MS, WEIGHTS_KEY, _const_array, _init, _matmul_nbits, _node, _remove_unused,
+from export.targets.onnx.graph import (MS, WEIGHTS_KEY, _init, _matmul_nbits, _node, _remove_unused,
                                        _replace)
 from export.transforms import Transform
 
@@ -89,8 +91,28 @@ def _wrapper(model: Decoder) -> torch.nn.Module:
     return cls(model).eval()
 
 
-def trace(model: Decoder):
-    """torch.export -> ONNX (opset 23) of ``model``; returns the onnx-ir Model."""
+def trace(model: Decoder, initializer=None):
+    """torch.export -> ONNX (opset 23) of ``model``; returns the onnx-ir Model.
+
+    With ``initializer`` (name -> array or None), ``model`` lives on the meta device: it is
+    traced without weights, each initializer then gets ``initializer(name)`` (None leaves it
+    empty: a weight the int4 rewrite replaces by the shared codes), and only then is the graph
+    optimized, exactly as the exporter optimizes a traced model with weights."""
+    if initializer is None:
+        return _export(model, optimize=True).model
+    with torch.device("meta"):
+        prog = _export(model, optimize=False)
+    import onnx_ir as ir
+
+    for name, value in prog.model.graph.initializers.items():
+        arr = initializer(name.removeprefix("model."))
+        value.const_value = None if arr is None else ir.tensor(arr, name=name)
+    from torch.onnx._internal._lazy_import import onnxscript_apis
+
+    return onnxscript_apis.optimize(prog.model)
+
+
+def _export(model: Decoder, optimize: bool):
     cfg = model.config
     names, out_names = io_names(cfg.n_layers)
     S = cfg.max_seq_len
@@ -102,9 +124,37 @@ def trace(model: Decoder):
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(_wrapper(model), args, dynamic_shapes=dyn, dynamo=True, opset_version=OPSET,
-                                 input_names=names, output_names=out_names, verbose=False, report=False)
-    return prog.model
+        return torch.onnx.export(_wrapper(model), args, dynamic_shapes=dyn, dynamo=True, opset_version=OPSET,
+                                 input_names=names, output_names=out_names, verbose=False, report=False,
+                                 optimize=optimize)
+
+
+def _buffer_donor(job) -> Decoder:
+    """The flavour's decoder at one layer and a two-row vocabulary: the same buffers (RoPE tables,
+    mask positions, per-layer constants) as the full model, without its weights."""
+    small = replace(job.loaded.config, n_layers=1, vocab_size=2, hidden_dim=2)
+    return transforms.apply(Decoder(small), list(job.flavour.transforms))
+
+
+def _initializer_source(job, donor: Decoder):
+    """name -> array for the weight-free trace: weights read one at a time from the checkpoint
+    (fp32), nothing for the weights the int4 rewrite replaces, buffers from ``donor``."""
+    weights = job.loaded.weights
+    quantized = set(job.quant.weights) if job.quant is not None else set()
+    buffers = dict(donor.named_buffers())
+
+    def value(name: str):
+        if name in quantized:
+            return None
+        if name in weights:
+            return weights[name].float().numpy()
+        parts = name.split(".")
+        key = ".".join(["layers", "0", *parts[2:]]) if parts[0] == "layers" else name
+        if key not in buffers:
+            raise RuntimeError(f"ONNX lowering: traced initializer {name!r} is neither a weight nor a buffer")
+        return buffers[key].numpy()
+
+    return value
 
 
 # --------------------------------------------------------------------------- graph helpers
@@ -169,6 +219,17 @@ def onnx_int4(qw) -> dict[str, np.ndarray]:
     return out
 
 
+def _weight_shape(value) -> tuple[int, ...] | None:
+    """Shape of a MatMul's weight operand: an initializer (filled or left empty for the int4
+    rewrite), or a Transpose of one (a tied head, or an empty weight the optimizer kept)."""
+    src = value.producer()
+    if src is None and value.is_initializer():
+        return tuple(int(d) for d in value.shape)
+    if src is not None and src.op_type == "Transpose" and src.inputs[0].is_initializer():
+        return tuple(int(d) for d in reversed(tuple(src.inputs[0].shape)))
+    return None
+
+
 def apply_int4(model, quant, cfg, progress=print) -> None:
     """Replace float linears/embedding by int4 contrib ops carrying ``quant``'s codes and scales."""
     g = model.graph
@@ -180,13 +241,8 @@ def apply_int4(model, quant, cfg, progress=print) -> None:
         qw = quant.weights.get(key)
         if qw is None:
             continue
-        w = _const_array(node.inputs[1])
-        N, K = qw.codes.shape
-        src = node.inputs[1].producer()
-        if w is None and src is not None and src.op_type == "Transpose":  # tied head: Transpose(embedding)
-            w = _const_array(src.inputs[0])
-            w = None if w is None else w.T
-        if w is None or w.shape != (K, N):
+        N, K = qw.shape
+        if _weight_shape(node.inputs[1]) != (K, N):
             raise RuntimeError(f"ONNX lowering: {key} is not a constant [{K}, {N}] MatMul weight in the traced graph")
         t = packed_by_id.setdefault(id(qw), onnx_int4(qw))
         new = _matmul_nbits(g, node.inputs[0], t, scope, K, N, qw.group_size, STORED_ACCURACY_LEVEL)
@@ -197,7 +253,7 @@ def apply_int4(model, quant, cfg, progress=print) -> None:
         gather = _nodes_by_scope(g, "Gather").get("embed_tokens")
         if gather is None:
             raise RuntimeError("ONNX lowering: no embedding Gather found in the traced graph")
-        V, D = emb.codes.shape
+        V, D = emb.shape
         t = packed_by_id.setdefault(id(emb), onnx_int4(emb))
         lm = g.initializers.get("lm_head.qweight")
         tied = quant.weights.get("lm_head.weight") is emb and lm is not None
@@ -271,13 +327,15 @@ def read_int4(model_path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 def lower(job) -> Path:
     flavour = job.flavour
     with job.stage("trace"):
-        model = job.decoder()
+        model = job.decoder(meta=True)
         cfg = model.config
-        job.progress(f"onnx: tracing {job.loaded.recipe.name} ({cfg.n_layers} layers, cache {cfg.max_seq_len})")
-        onnx_model = trace(model)
-        cos, sin = model.rope.cos.numpy(), model.rope.sin.numpy()
+        job.progress(f"onnx: tracing {job.loaded.recipe.name} ({cfg.n_layers} layers, cache {cfg.max_seq_len}) "
+                     f"without weights")
+        donor = _buffer_donor(job)
+        onnx_model = trace(model, _initializer_source(job, donor))
+        cos, sin = donor.rope.cos.numpy(), donor.rope.sin.numpy()
         applied = list(model.transforms)
-        del model
+        del model, donor
     with job.stage("rewrite"):
         if job.quant is not None:
             apply_int4(onnx_model, job.quant, cfg, job.progress)
