@@ -15,8 +15,6 @@ error naming it.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgellm.artifact import dir_size, read_manifest
+from edgellm.plugins import Registry
 from edgellm.tokenizer import Tokenizer
 from runtime import backends
 
@@ -135,26 +134,20 @@ class Backend(ABC):
         self.pos = 0
 
 
-_REGISTRY: dict[str, type[Backend]] = {}
+_REGISTRY: Registry[type[Backend]] = Registry(backends.__name__, "backend")
 
 
 def register(cls: type[Backend]) -> type[Backend]:
     """Class decorator: ``cls`` runs artifacts whose manifest target is ``cls.kind``."""
-    _REGISTRY[cls.kind] = cls
-    return cls
+    return _REGISTRY.add(cls.kind, cls)
 
 
 def kinds() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(backends.__path__))
+    return _REGISTRY.names()
 
 
 def backend_class(kind: str) -> type[Backend]:
-    if kind not in kinds():
-        raise ValueError(f"no backend runs {kind!r} artifacts; backends: {', '.join(kinds())}")
-    importlib.import_module(f"runtime.backends.{kind}")
-    if kind not in _REGISTRY:
-        raise RuntimeError(f"runtime/backends/{kind}.py registers no backend (missing @register)")
-    return _REGISTRY[kind]
+    return _REGISTRY.get(kind, f"no backend runs {kind!r} artifacts")
 
 
 def check_options(cls: type[Backend], options: BackendOptions) -> None:

@@ -9,8 +9,6 @@ is adding a module; nothing else lists them.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,6 +16,7 @@ import torch
 
 from edgellm.config import ModelConfig
 from edgellm.errors import CheckpointError
+from edgellm.plugins import Registry
 
 
 ArchitectureError = CheckpointError  # a checkpoint of a family edgellm does not read
@@ -39,21 +38,17 @@ class Architecture:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, Architecture] = {}
+_REGISTRY: Registry[Architecture] = Registry(__name__, "architecture")
 
 
 def register(arch: Architecture) -> Architecture:
-    if arch.name in _REGISTRY:
+    if arch.name in _REGISTRY.entries:
         raise ArchitectureError(f"architecture {arch.name!r} is registered twice")
-    _REGISTRY[arch.name] = arch
-    return arch
+    return _REGISTRY.add(arch.name, arch)
 
 
 def _discover() -> dict[str, Architecture]:
-    if not _REGISTRY:
-        for mod in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{mod.name}")
-    return _REGISTRY
+    return _REGISTRY.all()
 
 
 def all_architectures() -> list[Architecture]:

@@ -9,12 +9,11 @@ adding a package: nothing else lists them.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from edgellm.plugins import Registry
 from export.transforms import Transform
 
 
@@ -51,23 +50,18 @@ class Target:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, Target] = {}
+_REGISTRY: Registry[Target] = Registry(__name__, "target", packages_only=True)
 
 
 def register(cls: type[Target]) -> type[Target]:
     """Class decorator: make ``cls`` (one instance) the target named ``cls.name``."""
-    _REGISTRY[cls.name] = cls()
+    _REGISTRY.add(cls.name, cls())
     return cls
 
 
 def names() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg)
+    return _REGISTRY.names()
 
 
 def get(name: str) -> Target:
-    if name not in names():
-        raise ValueError(f"unknown target {name!r}; valid: {', '.join(names())}, all")
-    importlib.import_module(f"{__name__}.{name}")
-    if name not in _REGISTRY:
-        raise RuntimeError(f"export/targets/{name} registers no target (missing @register)")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name, f"unknown target {name!r}")
