@@ -10,6 +10,7 @@ loads by directory and refuses files whose hashes do not match.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import math
@@ -21,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from edgellm.errors import EdgeLLMError
+
 MANIFEST = "manifest.json"
 FORMAT = "edgellm-artifact"
 FORMAT_VERSION = 1
@@ -28,7 +31,7 @@ _TOOLS = ("edgellm", "torch", "executorch", "torchao", "coremltools", "onnx", "o
           "onnxscript", "onnx-ir", "tiktoken", "gguf")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(EdgeLLMError):
     pass
 
 
@@ -79,7 +82,10 @@ def _all_files(root: Path) -> list[Path]:
 class ArtifactWriter:
     """Assemble an artifact in a temp directory next to its final place; ``commit`` renames it.
 
-    Use as a context manager: on an exception the temp directory is removed.
+    Use as a context manager: on an exception the temp directory is removed. While it lives the
+    writer holds an exclusive lock on ``.NAME.lock`` beside the artifact, so two exports into the
+    same folder cannot interleave; holding it, any ``.NAME.*`` temp directory left by a killed
+    run is stale and is removed. The directory gets ordinary permissions (the umask's).
     """
 
     final: Path
@@ -87,7 +93,20 @@ class ArtifactWriter:
     def __post_init__(self):
         self.final = Path(self.final)
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.final.parent / f".{self.final.name}.lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise ArtifactError(f"another export is writing {self.final} right now; wait for it to finish "
+                                f"or choose another --out") from None
+        for stale in self.final.parent.glob(f".{self.final.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.dir, 0o777 & ~umask)
 
     def __enter__(self) -> "ArtifactWriter":
         return self
@@ -95,6 +114,7 @@ class ArtifactWriter:
     def __exit__(self, exc_type, exc, tb):
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+        self._lock.close()  # releases the lock; the empty lock file stays (removing it would race)
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -130,8 +150,11 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
         raise ArtifactError(f"{mpath} is corrupt ({e}); re-export the artifact") from None
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath} is not an edgellm manifest (format {manifest.get('format')!r})")
+    if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+        raise ArtifactError(f"{mpath} lists no files with their sha256, so nothing can be verified; re-export "
+                            f"the artifact")
     if verify:
-        for name, digest in manifest.get("files", {}).items():
+        for name, digest in manifest["files"].items():
             p = directory / name
             if not p.exists():
                 raise ArtifactError(f"artifact {directory} is missing {name}; re-export it")

@@ -1,0 +1,83 @@
+"""The artifact directory contract: atomic writes, one writer at a time, stale temp directories
+from a killed run removed, ordinary permissions, and manifests that cannot skip verification."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from edgellm.artifact import ArtifactError, ArtifactWriter, read_manifest
+
+
+def _write(final, text="x"):
+    with ArtifactWriter(final) as w:
+        w.path("model.bin").write_text(text)
+        return w.commit({"name": final.name, "target": "test"})
+
+
+def test_commit_is_atomic_and_verified(tmp_path):
+    art = _write(tmp_path / "a")
+    m = read_manifest(art)
+    assert set(m["files"]) == {"model.bin"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock", "a"]  # no temp dir left
+    (art / "model.bin").write_text("y")
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        read_manifest(art)
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with ArtifactWriter(tmp_path / "a") as w:
+            w.path("model.bin").write_text("partial")
+            1 / 0
+    assert [p.name for p in tmp_path.iterdir()] == [".a.lock"]
+
+
+def test_manifest_without_its_file_list_is_refused(tmp_path):
+    art = _write(tmp_path / "a")
+    m = json.loads((art / "manifest.json").read_text())
+    del m["files"]
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="lists no files"):
+        read_manifest(art)
+    with pytest.raises(ArtifactError, match="lists no files"):
+        read_manifest(art, verify=False)
+
+
+def test_permissions_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        art = _write(tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert oct(art.stat().st_mode & 0o777) == oct(0o755)
+    assert oct((art / "model.bin").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_a_second_writer_is_refused_and_a_killed_writer_leaves_nothing_stale(tmp_path):
+    final = tmp_path / "a"
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        from edgellm.artifact import ArtifactWriter
+        w = ArtifactWriter({str(final)!r})
+        w.path("model.bin").write_text("partial")
+        print("writing", flush=True)
+        time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"
+        with pytest.raises(ArtifactError, match="another export is writing"):
+            ArtifactWriter(final)
+    finally:
+        p.kill()  # SIGKILL mid-write: no cleanup runs in that process
+        p.wait()
+    stale = [d for d in tmp_path.iterdir() if d.is_dir()]
+    assert stale and stale[0].name.startswith(".a.")
+    art = _write(final)  # the next export to the same place removes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock", "a"] and read_manifest(art)
