@@ -6,8 +6,8 @@ class EdgeLLMError(ValueError):
 
 
 class CheckpointError(EdgeLLMError):
-    pass
+    """A checkpoint (HF folder, GGUF) that cannot be read or does not match its config."""
 
 
 class RecipeError(EdgeLLMError):
-    pass
+    """A recipe with an unknown, missing or out-of-range field."""

@@ -56,10 +56,6 @@ class Weights(Mapping):
                 if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers}
         return Weights(keep, self._reader, self.origin)
 
-    @classmethod
-    def from_dict(cls, state: dict[str, torch.Tensor], origin: str = "memory") -> "Weights":
-        return cls({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, origin)
-
 
 # --------------------------------------------------------------------------- HF folders
 

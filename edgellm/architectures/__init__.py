@@ -51,10 +51,6 @@ def _discover() -> dict[str, Architecture]:
     return _REGISTRY.all()
 
 
-def all_architectures() -> list[Architecture]:
-    return list(_discover().values())
-
-
 def for_hf(hf: dict[str, Any]) -> Architecture:
     model_type = hf.get("model_type", "llama")
     for arch in _discover().values():

@@ -9,6 +9,7 @@ adding a package: nothing else lists them.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ class Flavour:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-class Target:
+class Target(ABC):
     """Base of every target: a name, its flavours (the first is the default) and ``lower``."""
 
     name: ClassVar[str]
@@ -46,8 +47,9 @@ class Target:
         raise ValueError(f"target {self.name} has no flavour {name!r}; valid: "
                          f"{', '.join(f.name for f in self.flavours)} (default {self.default_flavour.name})")
 
-    def lower(self, job) -> Path:  # pragma: no cover - every target implements it
-        raise NotImplementedError
+    @abstractmethod
+    def lower(self, job) -> Path:
+        """Trace ``job.decoder()``, carry ``job.quant`` bit for bit, write through ``job.writer()``."""
 
 
 _REGISTRY: Registry[Target] = Registry(__name__, "target", packages_only=True)

@@ -283,9 +283,7 @@ class _Matcher:
             p = None if value is None else value.producer()
             if p is None or p.domain != "":
                 return False
-            if p.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Identity"):
-                pass
-            elif p.op_type == "Cast":
+            if p.op_type == "Cast":
                 import onnx_ir as ir
 
                 if not ir.DataType(_attr(p, "to")).is_integer():
@@ -294,7 +292,8 @@ class _Matcher:
                 idx = _const(p.inputs[1])
                 if idx is None or idx.size != 1 or int(idx.ravel()[0]) not in (0, -1):
                     return False
-            elif not (p.op_type == "Concat" and len(p.inputs) == 1):
+            elif p.op_type not in ("Reshape", "Unsqueeze", "Squeeze", "Identity") and \
+                    not (p.op_type == "Concat" and len(p.inputs) == 1):
                 return False
             value = p.inputs[0]
         return True
