@@ -106,6 +106,7 @@ class ArtifactWriter:
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
         umask = os.umask(0)
         os.umask(umask)
+        self._umask = umask
         os.chmod(self.dir, 0o777 & ~umask)
 
     def __enter__(self) -> "ArtifactWriter":
@@ -120,6 +121,8 @@ class ArtifactWriter:
         return self.dir / name
 
     def commit(self, manifest: dict[str, Any]) -> Path:
+        for p in self.dir.rglob("*"):  # ordinary permissions for what writers made private (mkstemp: 0600)
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~self._umask)
         files = {p.relative_to(self.dir).as_posix(): sha256_file(p) for p in _all_files(self.dir)}
         full = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -19,6 +19,8 @@ checkpoint loaders only strip prefixes; other formats' names are mapped in
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -207,3 +209,21 @@ class Decoder(nn.Module):
     def reset_cache(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache.reset()
+
+
+def buffer_source(cfg: ModelConfig, prepare=None):
+    """name -> value of a decoder buffer (RoPE tables, mask positions, KV cache), for a decoder
+    whose tensors are filled one at a time instead of built with weights: the buffers come from
+    a one-layer, two-row-vocabulary decoder (``prepare`` applies the caller's module swaps),
+    which has the same buffers as the full one; layer i's are layer 0's."""
+    small = Decoder(replace(cfg, n_layers=1, vocab_size=2, hidden_dim=2))
+    buffers = dict((prepare(small) if prepare else small).named_buffers())
+
+    def value(name: str) -> torch.Tensor:
+        parts = name.split(".")
+        key = ".".join(["layers", "0", *parts[2:]]) if parts[0] == "layers" else name
+        if key not in buffers:
+            raise KeyError(name)
+        return buffers[key]
+
+    return value

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
 
 from edgellm import gguf_file
 from edgellm.assets import fetch
 from edgellm.config import ModelConfig
-from edgellm.decoder import Decoder
+from edgellm.decoder import Decoder, buffer_source
 from edgellm.errors import CheckpointError
 from edgellm.recipes import DEFAULT_RECIPE, QuantConfig, Recipe, load_recipe, parse_recipe
 from edgellm.tokenizer import Tokenizer, tokenizer_from_source
@@ -35,8 +37,13 @@ class LoadedModel:
         """Where the weights came from: a checkpoint path or ``random(seed=N)``."""
         return self.weights.origin
 
-    def decoder(self) -> Decoder:
-        """The canonical decoder with these weights in fp32."""
+    def decoder(self, skip: frozenset[str] | set[str] = frozenset()) -> Decoder:
+        """The canonical decoder with these weights in fp32. The weights named in ``skip`` are
+        never read: they are left as empty placeholders for the caller to replace (e.g. by int4
+        dequantized on read, ``edgellm.quantization.stream_reference``), and the decoder is then
+        built on the meta device and filled one tensor at a time, so they never take memory."""
+        if skip:
+            return self._decoder_without(set(skip))
         model = Decoder(self.config)
         state = {k: self.weights[k].float() for k in self.weights}
         try:
@@ -47,6 +54,30 @@ class LoadedModel:
         if missing or unexpected:
             raise CheckpointError(
                 f"checkpoint does not match the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model.eval()
+
+    def _decoder_without(self, skip: set[str]) -> Decoder:
+        with torch.device("meta"):
+            model = Decoder(self.config)
+        buffers = buffer_source(self.config)
+        for prefix, mod in model.named_modules():
+            for attr, p in list(mod.named_parameters(recurse=False)):
+                name = f"{prefix}.{attr}" if prefix else attr
+                if name in skip:
+                    value = torch.empty(0)
+                else:
+                    src = "embed_tokens.weight" if name == "lm_head.weight" and self.config.tie_embeddings else name
+                    if src not in self.weights:
+                        raise CheckpointError(f"checkpoint does not match the architecture: missing {src}")
+                    value = self.weights[src].float()
+                    if tuple(value.shape) != tuple(p.shape):
+                        raise CheckpointError(f"checkpoint does not match the architecture: {src} is "
+                                              f"{tuple(value.shape)}, the config needs {tuple(p.shape)}")
+                setattr(mod, attr, nn.Parameter(value, requires_grad=False))
+            for attr, _ in list(mod.named_buffers(recurse=False)):
+                mod._buffers[attr] = buffers(f"{prefix}.{attr}" if prefix else attr).clone()
+        if self.config.tie_embeddings and "lm_head.weight" not in skip:
+            model.lm_head.weight = model.embed_tokens.weight
         return model.eval()
 
     def tokenizer(self) -> Tokenizer:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -264,39 +264,36 @@ def quantize_weight(w: torch.Tensor, group_size: int, symmetric: bool = True, sc
         raise ValueError(f"cannot quantize {name}: expected a 2-D weight, got shape {tuple(w.shape)}")
     rows, cols = w.shape
     _check_divisible(name, cols, group_size)
-    w = w.detach().to(torch.float32).contiguous()
-    if not torch.isfinite(w).all():
-        raise ValueError(f"cannot quantize {name}: it contains non-finite values")
     n_groups = cols // group_size
-    G_all = w.view(rows * n_groups, group_size)
     Wimp = None
     if importance is not None and scale_search:
         imp = importance.detach().to(torch.float32).reshape(n_groups, group_size)
-        imp = imp / imp.mean().clamp_min(1e-30)
-        Wimp = imp
-    scales = torch.empty(rows * n_groups, 1)
-    zeros = None if symmetric else torch.empty(rows * n_groups, 1)
+        Wimp = imp / imp.mean().clamp_min(1e-30)
+    # Row chunks, each taken to fp32 on its own: a weight stays in its stored dtype and only one
+    # chunk's fp32 temporaries exist at a time (groups never span rows, so the result is the same).
+    scales = torch.empty(rows, n_groups)
+    zp = None if symmetric else torch.empty(rows, n_groups, dtype=torch.int8)
+    codes = torch.empty(rows, cols, dtype=torch.int8)
+    block = (1, group_size)
     chunk_rows = max(1, _CHUNK_ELEMS // cols)
     for r0 in range(0, rows, chunk_rows):
         r1 = min(rows, r0 + chunk_rows)
-        sl = slice(r0 * n_groups, r1 * n_groups)
-        G = G_all[sl]
+        wc = w[r0:r1].detach().to(torch.float32).contiguous()
+        if not torch.isfinite(wc).all():
+            raise ValueError(f"cannot quantize {name}: it contains non-finite values")
+        G = wc.view((r1 - r0) * n_groups, group_size)
         W = Wimp.repeat(r1 - r0, 1) if Wimp is not None else None
         if symmetric:
             s, _ = _search_sym(G, W) if scale_search else (_rtn_sym(G), None)
+            s = s.view(r1 - r0, n_groups)
+            codes[r0:r1] = quantize_affine(wc, block, s, torch.zeros_like(s, dtype=torch.int8), torch.int8,
+                                           SYM_QMIN, SYM_QMAX)
         else:
             s, z = _search_asym(G, W) if scale_search else _rtn_asym(G)
-            zeros[sl] = z
-        scales[sl] = s
-    scales = scales.view(rows, n_groups)
-    block = (1, group_size)
-    if symmetric:
-        codes = quantize_affine(w, block, scales, torch.zeros_like(scales, dtype=torch.int8), torch.int8,
-                                SYM_QMIN, SYM_QMAX)
-        zp = None
-    else:
-        zp = zeros.view(rows, n_groups).to(torch.int8)
-        codes = quantize_affine(w, block, scales, zp, torch.int8, ASYM_QMIN, ASYM_QMAX)
+            s, z = s.view(r1 - r0, n_groups), z.view(r1 - r0, n_groups).to(torch.int8)
+            codes[r0:r1] = quantize_affine(wc, block, s, z, torch.int8, ASYM_QMIN, ASYM_QMAX)
+            zp[r0:r1] = z
+        scales[r0:r1] = s
     return QuantizedWeight(codes.contiguous(), scales.contiguous(), zp, group_size)
 
 
@@ -344,8 +341,10 @@ def quantized_names(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: 
 
 
 @torch.no_grad()
-def quantize(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: bool) -> Quantization:
-    """The shared int4 quantization of a decoder state dict (see the module docstring)."""
+def quantize(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: bool,
+             progress: Callable[[int, int], None] | None = None) -> Quantization:
+    """The shared int4 quantization of a decoder state dict (see the module docstring), one
+    tensor at a time; ``progress(done, total)`` (tensors) after each."""
     if qcfg.scheme != "int4":
         raise ValueError(f"quantize() needs scheme int4, got {qcfg.scheme!r}")
     names = quantized_names(state, qcfg, tied)
@@ -354,13 +353,14 @@ def quantize(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: bool) -
         shape = state.shapes[src] if hasattr(state, "shapes") else tuple(state[src].shape)
         _check_divisible(n, shape[1], qcfg.group_size)
     weights: dict[str, QuantizedWeight] = {}
-    for n in names:
+    for i, n in enumerate(names):
         if tied and n == "lm_head.weight":
             weights[n] = weights["embed_tokens.weight"]
-            continue
-        imp = _importance(state, n)
-        weights[n] = quantize_weight(state[n], qcfg.group_size, qcfg.symmetric, qcfg.scale_search,
-                                     importance=imp, name=n)
+        else:
+            weights[n] = quantize_weight(state[n], qcfg.group_size, qcfg.symmetric, qcfg.scale_search,
+                                         importance=_importance(state, n), name=n)
+        if progress is not None:
+            progress(i + 1, len(names))
     return Quantization(qcfg, weights)
 
 
@@ -425,9 +425,7 @@ def apply_reference(model: nn.Module, quant: Quantization, activations: bool | s
     runtime's int8 dynamic activation fake-quant (``True`` = 8da4w, or a name from
     ACTIVATION_SCHEMES) as forward pre-hooks on the quantized Linears (parameter names
     unchanged). Returns the model."""
-    scheme = resolve_activation_scheme(activations)
     params = dict(model.named_parameters(remove_duplicate=False))
-    modules = dict(model.named_modules())
     done: dict[int, torch.Tensor] = {}
     for name, qw in quant.weights.items():
         if name not in params:
@@ -438,7 +436,46 @@ def apply_reference(model: nn.Module, quant: Quantization, activations: bool | s
         if id(qw) not in done:
             done[id(qw)] = qw.dequantize()
         p.data = done[id(qw)].to(p.dtype)  # tied parameters are one object: set once, seen twice
-        if scheme:
+    return _hook_activations(model, quant, activations)
+
+
+class _DequantizeOnRead(nn.Module):
+    """A parametrization: the weight is its int4 tensor dequantized when read, so the reference
+    holds ~0.55 bytes per parameter and one weight in fp32 at a time (a 7B model's fp32 reference
+    would need 27 GB)."""
+
+    def __init__(self, qw: QuantizedWeight):
+        super().__init__()
+        self.qw = qw
+
+    def forward(self, _placeholder: torch.Tensor) -> torch.Tensor:
+        return self.qw.dequantize()
+
+
+def stream_reference(model: nn.Module, quant: Quantization, activations: bool | str = False) -> nn.Module:
+    """In place: like ``apply_reference``, but every quantized weight is dequantized on each read
+    (the same values, so the same logits) instead of stored in fp32. ``model``'s quantized
+    weights may be placeholders of any shape (e.g. empty): they are never read."""
+    from torch.nn.utils import parametrize
+
+    modules = dict(model.named_modules())
+    for name, qw in quant.weights.items():
+        mod_name, _, attr = name.rpartition(".")
+        mod = modules.get(mod_name)
+        if mod is None or not hasattr(mod, attr):
+            raise KeyError(f"quantized weight {name} is not a parameter of the model")
+        if parametrize.is_parametrized(mod, attr):
+            continue
+        setattr(mod, attr, nn.Parameter(torch.empty(0), requires_grad=False))  # a tied head gets its own
+        parametrize.register_parametrization(mod, attr, _DequantizeOnRead(qw), unsafe=True)
+    return _hook_activations(model, quant, activations)
+
+
+def _hook_activations(model: nn.Module, quant: Quantization, activations: bool | str) -> nn.Module:
+    scheme = resolve_activation_scheme(activations)
+    if scheme:
+        modules = dict(model.named_modules())
+        for name, qw in quant.weights.items():
             mod = modules[name.rsplit(".", 1)[0] if "." in name else ""]
             if isinstance(mod, nn.Linear) and not getattr(mod, "_edgellm_act_quant", False):
                 mod.register_forward_pre_hook(_activation_hook(scheme, qw.group_size))

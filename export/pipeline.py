@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from edgellm.artifact import ArtifactWriter, artifact_name
-from edgellm.decoder import Decoder
+from edgellm.decoder import Decoder, buffer_source
 from edgellm.errors import EdgeLLMError
 from edgellm.memory import available_bytes, peak_rss_mb, reset_peak_rss
 from edgellm.model import LoadedModel, resolve_model
@@ -69,6 +69,27 @@ class ExportJob:
             apply_reference(model, self.quant)
         return transforms.apply(model, list(self.flavour.transforms))
 
+    def tensor_source(self) -> Callable[[str], torch.Tensor | None]:
+        """state-dict name -> its value, for a decoder traced without weights (``decoder(meta=True)``):
+        a weight is read from the checkpoint when asked for (fp32, one at a time), a weight the
+        shared quantization replaces gives None, and a buffer (RoPE tables, mask positions, cache)
+        comes from a one-layer, two-row-vocabulary decoder that has the same buffers as the full one."""
+        weights = self.loaded.weights
+        quantized = set(self.quant.weights) if self.quant is not None else set()
+        buffers = buffer_source(self.loaded.config, lambda m: transforms.apply(m, list(self.flavour.transforms)))
+
+        def value(name: str) -> torch.Tensor | None:
+            if name in quantized:
+                return None
+            if name in weights:
+                return weights[name].float()
+            try:
+                return buffers(name)
+            except KeyError:
+                raise RuntimeError(f"{self.target.name}: traced tensor {name!r} is neither a weight nor a buffer") from None
+
+        return value
+
     def writer(self) -> ArtifactWriter:
         return ArtifactWriter(self.out_root / self.name)
 
@@ -114,40 +135,57 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
     if scheme == "none":
         return None
     t = time.time()
-    q = quantize(loaded.weights, qcfg, tied=loaded.config.tie_embeddings)
+    tenth = [0]
+
+    def report(done: int, total: int):  # a line per tenth of the tensors: a 7B takes minutes
+        if total >= 20 and done * 10 // total > tenth[0]:
+            tenth[0] = done * 10 // total
+            progress(f"quantizing: {done}/{total} tensors, {time.time() - t:.0f}s")
+
+    q = quantize(loaded.weights, qcfg, tied=loaded.config.tie_embeddings, progress=report)
     progress(f"quantized {len(q.weights)} tensors to int4 (group {qcfg.group_size}) in {time.time() - t:.1f}s")
     return q
 
 
-# Peak memory of an export above ~0.6 GB of libraries, per parameter: each target declares its
-# own measured figure (``Target.bytes_per_parameter``); see the README's scale section.
+# The estimate of an export's peak: ~0.6 GB of libraries, each target's measured resident bytes
+# per parameter (``Target.bytes_per_parameter``, from 7B runs: see the README's scale section),
+# the fp32 temporaries of quantizing the largest tensor (~8 bytes per element), and, for targets
+# whose program holds the KV cache (``Target.holds_cache``), the fp32 cache itself.
 EXPORT_BASE_BYTES = 600 << 20
+TRANSIENT_BYTES_PER_ELEMENT = 8
 
 
 class MemoryRefused(EdgeLLMError):
     """The export's estimated peak exceeds the memory this machine has available."""
 
 
-def estimated_peak_bytes(cfg, bytes_per_parameter: float) -> int:
-    return int(EXPORT_BASE_BYTES + bytes_per_parameter * cfg.num_parameters())
+def cache_bytes(cfg) -> int:
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.max_seq_len * cfg.head_dim * 4
+
+
+def estimated_peak_bytes(cfg, target: Target) -> int:
+    largest = max(cfg.vocab_size * cfg.dim, cfg.dim * cfg.hidden_dim, cfg.n_heads * cfg.head_dim * cfg.dim)
+    return int(EXPORT_BASE_BYTES + target.bytes_per_parameter * cfg.num_parameters()
+               + TRANSIENT_BYTES_PER_ELEMENT * largest + (cache_bytes(cfg) if target.holds_cache else 0))
 
 
 def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | None = None) -> None:
     """Refuse up front an export that would not fit, naming the numbers and a depth that would."""
     available = available_bytes() if available is None else available
     cfg = loaded.config
-    worst = max(chosen, key=lambda t: t.bytes_per_parameter)
-    bpp = worst.bytes_per_parameter
-    need = estimated_peak_bytes(cfg, bpp)
+    worst = max(chosen, key=lambda t: estimated_peak_bytes(cfg, t))
+    need = estimated_peak_bytes(cfg, worst)
     if available is None or need <= available:
         return
-    per_layer = estimated_peak_bytes(replace(cfg, n_layers=1), bpp) - estimated_peak_bytes(replace(cfg, n_layers=0), bpp)
-    fits = max(0, (available - estimated_peak_bytes(replace(cfg, n_layers=0), bpp)) // max(per_layer, 1))
+    at = [estimated_peak_bytes(replace(cfg, n_layers=n), worst) for n in (0, 1)]
+    fits = max(0, (available - at[0]) // max(at[1] - at[0], 1))
     hint = (f"--n-layers {min(fits, cfg.n_layers - 1)} would fit (a depth-truncated dry run)" if fits >= 1
             else "no depth of this width fits")
+    cache = (f" plus its fp32 KV cache of {cache_bytes(cfg) / 2**30:.1f} GiB, which --max-seq-len shrinks"
+             if worst.holds_cache else "")
     raise MemoryRefused(
         f"{loaded.recipe.name}: exporting {cfg.num_parameters() / 1e9:.2f}B parameters to {worst.name} needs an "
-        f"estimated {need / 2**30:.1f} GiB ({bpp:g} bytes/parameter + {EXPORT_BASE_BYTES >> 20} MiB) but "
+        f"estimated {need / 2**30:.1f} GiB ({worst.bytes_per_parameter:g} bytes/parameter{cache}) but "
         f"{available / 2**30:.1f} GiB is available; {hint}, or pass --skip-memory-check to try anyway")
 
 

@@ -91,6 +91,27 @@ def run_measured(args: list[str], cwd=None, env=None, python: str = sys.executab
     return p, wall, peak
 
 
+def read_bandwidth_gbs(threads: int = 1, megabytes: int = 1024, repeats: int = 5) -> float:
+    """The machine's sustained read bandwidth (GB/s) at ``threads``: the best of ``repeats``
+    vectorized sums over a buffer far larger than the caches (torch's, which reads at the memory
+    bus's speed where numpy's pairwise sum is compute-bound at ~7 GB/s here). A decode step
+    reads every weight once, so artifact bytes / this bounds its speed. Imports torch when called."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32)
+        best = 0.0
+        for _ in range(repeats):
+            t = time.perf_counter()
+            float(a.sum())
+            best = max(best, a.numel() * 4 / (time.perf_counter() - t) / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(before)
+
+
 def bench_prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     return [int(x) for x in rng.integers(100, min(vocab, 30000), size=n)]

@@ -81,3 +81,17 @@ def test_a_second_writer_is_refused_and_a_killed_writer_leaves_nothing_stale(tmp
     assert stale and stale[0].name.startswith(".a.")
     art = _write(final)  # the next export to the same place removes it
     assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock", "a"] and read_manifest(art)
+
+
+def test_files_written_private_are_committed_with_ordinary_permissions(tmp_path, tiny):
+    """A writer that goes through mkstemp (the tokenizer's atomic save, 0600) still lands 0644."""
+    old = os.umask(0o022)
+    try:
+        with ArtifactWriter(tmp_path / "a") as w:
+            tiny.tokenizer().save(w.dir)
+            w.path("model.bin").write_bytes(b"x")
+            art = w.commit({"artifact": "model.bin"})
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in art.iterdir()}
+    assert modes and set(modes.values()) == {oct(0o644)}, modes

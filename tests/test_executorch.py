@@ -254,3 +254,26 @@ def test_manifest_records_flavour_and_delegation(export_artifact):
         assert bool(custom) == (flavour == "fast"), f"{flavour}: custom ops outside delegates: {custom}"
         if quant == "int4":
             assert m["executorch"]["linear_scheme"] == "8da4w"
+
+
+@pytest.mark.parametrize("flavour", ["portable", "fast"])
+def test_lean_lowering_writes_the_same_program(tiny, tiny_quant, flavour, monkeypatch):
+    """Skipping XNNPACK's retraces of unchanged partitions leaves the .pte byte-identical, and it
+    is active on the pinned executorch (else it would silently cost the time it saves)."""
+    import contextlib
+
+    from export import targets
+    from export.pipeline import ExportJob
+    from export.targets.executorch import lean_lowering, lowering
+
+    job = ExportJob(tiny, tiny_quant, "/nonexistent", targets.get("executorch"), flavour, progress=lambda s: None)
+
+    def pte() -> bytes:
+        ep, _, _ = lowering.exported_program(job)
+        return lowering.lower_program(ep, lowering.constant_methods(job), job.flavour.options["partitioners"])[0].buffer
+
+    with lean_lowering.lean_lowering() as active:
+        assert active, "lean_lowering is off: executorch is not the version it was checked against"
+    lean = pte()
+    monkeypatch.setattr(lowering, "lean_lowering", contextlib.nullcontext)
+    assert pte() == lean

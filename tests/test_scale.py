@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,16 +59,19 @@ def test_memory_refusal_names_the_numbers_and_a_depth_that_fits():
 
     loaded = resolve_model(recipe="xgen-7b-8k-base")
     et, onnx = targets.get("executorch"), targets.get("onnx")
-    need = estimated_peak_bytes(loaded.config, et.bytes_per_parameter)
+    need = estimated_peak_bytes(loaded.config, et)
     check_memory(loaded, [et, onnx], available=need)  # fits exactly: no error
-    with pytest.raises(MemoryRefused, match=r"6\.90B parameters to executorch needs an estimated 77\.7 GiB .* "
-                                            r"24\.0 GiB is available; --n-layers 8 would fit"):
+    with pytest.raises(MemoryRefused, match=r"6\.90B parameters to executorch needs an estimated 32\.6 GiB "
+                                            r"\(3\.5 bytes/parameter plus its fp32 KV cache of 8\.0 GiB, which "
+                                            r"--max-seq-len shrinks\) but 24\.0 GiB is available; --n-layers 22 would fit"):
         check_memory(loaded, [onnx, et], available=24 << 30)
-    check_memory(loaded, [onnx], available=40 << 30)  # traced without weights: 5 bytes/parameter fit in 40 GiB
+    check_memory(loaded, [onnx], available=12 << 30)  # traced without weights, no cache: 9.9 GiB fits in 12
+    with pytest.raises(MemoryRefused, match="to onnx needs an estimated 9.9 GiB"):
+        check_memory(loaded, [onnx], available=8 << 30)
 
 
 def test_export_cli_refuses_before_any_work(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "export", "--target", "onnx", "--recipe", "xverse-13b-256k",
+    r = subprocess.run([sys.executable, "-m", "export", "--target", "executorch", "--recipe", "xverse-13b-256k",
                         "--out", str(tmp_path)], capture_output=True, text=True)
     if r.returncode == 0:  # pragma: no cover - a machine with > 150 GiB free
         pytest.skip("this machine has the memory for a 13B export")
@@ -96,8 +100,8 @@ def test_onnx_traced_without_weights_equals_the_traced_model(tiny):
     from export.targets.onnx import lowering
 
     job = ExportJob(tiny, None, "/nonexistent", targets.get("onnx"), "portable", progress=lambda s: None)
-    donor = lowering._buffer_donor(job)
-    without = lowering.trace(job.decoder(meta=True), lowering._initializer_source(job, donor))
+    source = job.tensor_source()
+    without = lowering.trace(job.decoder(meta=True), lambda name: None if (t := source(name)) is None else t.numpy())
     with_weights = lowering.trace(job.decoder())
     assert Counter(n.op_type for n in without.graph) == Counter(n.op_type for n in with_weights.graph)
     def constants(model):
@@ -116,3 +120,125 @@ def test_onnx_traced_without_weights_equals_the_traced_model(tiny):
     assert folded_a == folded_b and set(named_a) == set(named_b)
     for name in named_a:
         assert np.array_equal(named_a[name], named_b[name]), name
+
+
+def test_executorch_traced_without_weights_equals_the_weighted_model(tiny, tiny_quant):
+    """The meta-built decoder given its tensors one by one exports the same program (graph,
+    constants, parameters, int4 codes and scales) as the decoder built with all its weights."""
+    from torch import nn
+
+    from export import targets
+    from export.pipeline import ExportJob
+    from export.targets.executorch import lowering
+
+    job = ExportJob(tiny, tiny_quant, "/nonexistent", targets.get("executorch"), "portable", progress=lambda s: None)
+    streamed, _, names = lowering.exported_program(job)
+    model = job.decoder()
+    modules = dict(model.named_modules())
+    for name, qw in tiny_quant.weights.items():
+        mod = modules[name.rpartition(".")[0]]
+        mod.weight = nn.Parameter(lowering.int4_weight(mod, name, qw), requires_grad=False)
+    whole = lowering.export_program(model, tiny.config.max_seq_len)
+    assert sorted(names) == sorted(tiny_quant.weights)
+    assert [str(n.target) for n in streamed.graph.nodes] == [str(n.target) for n in whole.graph.nodes]
+    assert streamed.graph_signature == whole.graph_signature
+    for table in ("constants", "state_dict"):
+        a, b = getattr(streamed, table), getattr(whole, table)
+        assert list(a) == list(b)
+        for k in a:
+            x, y = a[k], b[k]
+            if hasattr(x, "qdata"):  # the int4 tensors: codes and scales bit for bit
+                assert torch.equal(x.qdata, y.qdata) and torch.equal(x.scale, y.scale), k
+            else:
+                assert x.dtype == y.dtype and torch.equal(x, y) and x.requires_grad == y.requires_grad, k
+
+
+def test_quantization_holds_one_tensor_in_fp32_at_a_time(tmp_path, monkeypatch):
+    """Quantizing a bf16 checkpoint never has more live fp32 than one tensor's chunk plus the
+    small non-quantized tensors: counted over every tensor object alive at each read."""
+    import gc
+
+    from edgellm import quantization
+    from export.pipeline import quantize_for
+
+    ck = write_checkpoint("tiny", tmp_path / "ck", n_layers=4, progress=lambda m: None)
+    loaded = resolve_model(checkpoint=ck, recipe="tiny")
+    cfg = loaded.config
+    live = []
+
+    def fp32_bytes() -> int:
+        gc.collect()  # garbage of earlier tests is not live
+        seen, total = set(), 0
+        for o in gc.get_objects():
+            if type(o) in (torch.Tensor, torch.nn.Parameter) and not o.is_meta and o.dtype == torch.float32:
+                st = o.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    total += st.nbytes()
+        return total
+
+    real = quantization.quantize_weight
+
+    def counting(w, *a, **kw):
+        assert w.dtype == torch.bfloat16, "a weight reached the quantizer converted from its stored dtype"
+        live.append(fp32_bytes())
+        return real(w, *a, **kw)
+
+    monkeypatch.setattr(quantization, "quantize_weight", counting)
+    baseline = fp32_bytes()
+    q = quantize_for(loaded, progress=lambda m: None)
+    layer = sum(torch.Size(s).numel() for k, s in loaded.weights.shapes.items() if k.startswith("layers.0."))
+    worst = max(live) - baseline
+    # scales of what is done so far (1/32 of a float per weight) + one layer in fp32 at most
+    scales = sum(w.scales.nbytes for w in q.weights.values())
+    assert len(live) == len({id(w) for w in q.weights.values()})
+    assert worst <= scales + 4 * layer, (worst, scales, 4 * layer, cfg.n_layers)
+
+
+# ---- full width, two layers: the path of a user who downloaded XGen-7B, at a size CI affords ----
+
+@pytest.fixture(scope="module")
+def xgen_two_layers(tmp_path_factory):
+    """XGen-7B's HF folder at full width (dim 4096, vocab 51200), cut to two layers, bf16."""
+    return write_checkpoint("xgen-7b-8k-base", tmp_path_factory.mktemp("xgen") / "ck", n_layers=2,
+                            progress=lambda m: None)
+
+
+# Peak RSS allowed per parameter above the libraries, per target, from the streamed path's
+# measured peaks at this size (see the README's scale section); whole-model fp32 alone is 4.
+EXPORT_LIBRARIES_GIB = 1.5
+PEAK_BYTES_PER_PARAMETER = {"onnx": 3.0, "executorch": 4.5, "coreml": 4.5}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx", "executorch", "coreml"])
+def test_full_width_xgen_exports_within_a_bound_from_its_size(xgen_two_layers, target, tmp_path):
+    from runtime.bench import run_measured
+
+    p, wall, peak_mb = run_measured(["-m", "export", "--target", target, "--checkpoint", str(xgen_two_layers),
+                                     "--recipe", "xgen-7b-8k-base", "--max-seq-len", "256", "--out", str(tmp_path)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    (art,) = [d for d in tmp_path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    m = json.loads((art / "manifest.json").read_text())
+    cfg = resolve_model(checkpoint=xgen_two_layers, recipe="xgen-7b-8k-base").config
+    assert m["config"]["dim"] == 4096 and m["config"]["n_layers"] == 2 and m["vocab_size"] == 51200
+    params = cfg.num_parameters()
+    bound_mb = (EXPORT_LIBRARIES_GIB * 2**30 + PEAK_BYTES_PER_PARAMETER[target] * params) / 2**20
+    print(f"{target}: peak {peak_mb:.0f} MB (bound {bound_mb:.0f} MB) for {params / 1e9:.2f}B parameters, {wall:.0f}s")
+    assert peak_mb <= bound_mb, f"{target}: peak RSS {peak_mb:.0f} MB exceeds {bound_mb:.0f} MB"
+    assert m["export"]["peak_rss_mb"] <= peak_mb + 1
+
+
+def test_streamed_int4_reference_equals_the_materialized_one(tiny, tiny_quant, monkeypatch):
+    """Dequantizing each weight as it is read gives the materialized reference's logits bit for
+    bit, and the streamed decoder holds no fp32 copy of the quantized weights."""
+    from runtime.backends import eager
+
+    ids = [1, 5, 9, 200, 3, 77]
+    whole = eager.EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant, activations=True)
+    monkeypatch.setattr(eager, "STREAM_FP32_ABOVE", 0)
+    streamed = eager.EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant, activations=True)
+    held = sum(p.numel() for p in streamed.model.parameters())
+    assert held < tiny.config.num_parameters() // 50  # norms only: no quantized weight is stored
+    assert np.array_equal(whole.prefill(ids), streamed.prefill(ids))
+    assert np.array_equal(whole.decode(42), streamed.decode(42))

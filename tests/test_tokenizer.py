@@ -471,3 +471,21 @@ def test_recipe_chat_templates_match_constants(name, const):
     from edgellm import recipes
 
     assert recipes.load_recipe(name).chat_template == const
+
+
+def test_runner_tokenizer_json_encodes_like_xgen():
+    """The HF tokenizer.json written for ExecuTorch's runner encodes as the shared tokenizer,
+    including XGen's appended whitespace tokens (ranks 50257+, no split into lower ranks)."""
+    from tokenizers import Tokenizer as HF
+
+    from edgellm.model import resolve_model
+    from edgellm.tokenizer.runner_json import hf_tokenizer_json
+
+    tok = resolve_model(recipe="xgen-7b-8k-base").tokenizer()
+    hf = HF.from_str(json.dumps(hf_tokenizer_json(tok), ensure_ascii=False))
+    rng = random.Random(0)
+    texts = [" " * n for n in range(1, 70)] + ["\t" * n for n in range(1, 12)] + list(CORPUS)
+    texts += ["".join(rng.choice(" \t\nab.") for _ in range(60)) for _ in range(300)]
+    assert tok.encode(" " * 31) == [50257]
+    for t in texts:
+        assert hf.encode(t, add_special_tokens=False).ids == tok.encode(t, allow_special=True), repr(t)

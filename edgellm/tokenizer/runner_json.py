@@ -33,6 +33,23 @@ def _split_by_lower_ranks(token: bytes, ranks: dict[bytes, int], max_rank: int) 
         parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
 
 
+def _merges_for(token: bytes, rank: int, ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge(s) that make ``token`` at priority ``rank``, as tiktoken forms it.
+
+    Normally one merge of two lower-ranked tokens. Tokens appended to a vocabulary (XGen's runs
+    of spaces and tabs, ranks 50257+, longest first) have no such split; tiktoken still forms
+    them by merging any two adjacent tokens that concatenate to them, at the token's own rank,
+    so every two-token split gets a merge at that priority."""
+    parts = _split_by_lower_ranks(token, ranks, rank)
+    if len(parts) == 2:
+        return [(parts[0], parts[1])]
+    splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+    if not splits:
+        raise ValueError(f"token {token!r} (rank {rank}) cannot be formed by merging two tokens; "
+                         f"this rank file cannot be expressed as BPE merges")
+    return splits
+
+
 def hf_tokenizer_json(tok: Tokenizer) -> dict:
     """tokenizer.json content equivalent to ``tok.encode(text, allow_special=True)``."""
     enc = byte_encoder()
@@ -45,11 +62,7 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict:
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         vocab[s(token)] = rank
         if len(token) > 1:
-            parts = _split_by_lower_ranks(token, ranks, rank)
-            if len(parts) != 2:
-                raise ValueError(f"token {token!r} (rank {rank}) is not reachable by one merge of lower ranks; "
-                                 f"this rank file cannot be expressed as BPE merges")
-            merges.append(f"{s(parts[0])} {s(parts[1])}")
+            merges += [f"{s(a)} {s(b)}" for a, b in _merges_for(token, rank, ranks)]
     for t, i in tok.special_tokens.items():  # HF keeps added tokens in the model vocab too
         vocab[t] = i
     vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))

@@ -31,8 +31,10 @@ class Target(ABC):
 
     name: ClassVar[str]
     flavours: ClassVar[tuple[Flavour, ...]]
-    # measured peak export memory per parameter (above the libraries), for the up-front check
+    # measured peak export memory per parameter (above the libraries and the largest tensor's
+    # quantization temporaries), for the up-front check (``export.pipeline.estimated_peak_bytes``)
     bytes_per_parameter: ClassVar[float] = 12.0
+    holds_cache: ClassVar[bool] = False  # the program carries its KV cache (counted in the estimate)
 
     @property
     def default_flavour(self) -> Flavour:

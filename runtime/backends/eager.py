@@ -16,8 +16,14 @@ import numpy as np
 import torch
 
 from edgellm.model import LoadedModel, model_from_manifest, resolve_model
-from edgellm.quantization import Quantization, apply_reference, resolve_activation_scheme, quantize
+from edgellm.quantization import (Quantization, apply_reference, quantize, resolve_activation_scheme,
+                                  stream_reference)
 from runtime.backend import Backend, BackendOptions, Capabilities, register
+
+
+# An int4 reference whose fp32 copy would exceed this is kept at 4 bits and dequantized weight by
+# weight as it is read (the same values, hence the same logits; slower per forward).
+STREAM_FP32_ABOVE = 4 << 30
 
 
 def quantize_model(loaded: LoadedModel) -> Quantization:
@@ -82,12 +88,15 @@ class EagerBackend(Backend):
     @classmethod
     def from_loaded(cls, loaded, int4: bool = False, quantization=None, activations: bool | str = False,
                     tokenizer=None, threads: int | None = None) -> "EagerBackend":
-        model = loaded.decoder()
         label = "fp32"
         quant = None
+        model = None if int4 else loaded.decoder()
         if int4:
             quant = quantization or quantize_model(loaded)
-            apply_reference(model, quant, activations=activations)
+            if 4 * loaded.config.num_parameters() > STREAM_FP32_ABOVE:  # dequantize each weight as it is read
+                model = stream_reference(loaded.decoder(skip=set(quant.weights)), quant, activations=activations)
+            else:
+                model = apply_reference(loaded.decoder(), quant, activations=activations)
             scheme = resolve_activation_scheme(activations)
             label = "int4" + (f"+{scheme}" if scheme else "")
         if tokenizer is None:

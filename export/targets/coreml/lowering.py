@@ -1,10 +1,19 @@
 """Core ML lowering: the one decoder as an iOS 18 ML Program with the KV cache as states.
 
-``lower(job)`` traces ``job.decoder`` with torch.export (query length dynamic, 1 … capacity-1),
-converts it with coremltools to an fp16 ML Program whose K/V caches are Core ML *states*
-(read and written in place on device), and, for int4, replaces every quantized weight
+``lower(job)`` traces the flavour's decoder with torch.export (query length dynamic,
+1 … capacity-1), converts it with coremltools to an fp16 ML Program whose K/V caches are Core ML
+*states* (read and written in place on device), and, for int4, replaces every quantized weight
 constant by a ``constexpr_blockwise_shift_scale`` built from the shared quantization's own
 codes and fp16 scales (block 32 along the input dimension) — Core ML never re-quantizes.
+
+Memory: no fp32 or fp16 copy of the model exists at any point. The decoder is traced with its
+quantized weights allocated but never written (``weightless_decoder``), coremltools receives a
+stride-0 placeholder per quantized weight (``placeholder_weights``), and a pass of ours inside
+the conversion pipeline swaps each placeholder for its int4 codes just before the fp16 cast
+(``Int4Weights``). What remains is the shared quantization plus the program's codes (one byte
+each) and one tensor's temporaries. The artifact equals the one the former convert-fp16-then-
+swap lowering wrote (same program and weight blob; checked under a fixed PYTHONHASHSEED, since
+torch.export/coremltools themselves vary run to run in which equal shape they read).
 
 Choices, and why:
 - One function with a flexible query length (``RangeDim(1, capacity-1)``) rather than a
@@ -27,12 +36,15 @@ Choices, and why:
 
 from __future__ import annotations
 
+import gc
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edgellm.decoder import Decoder
 from export.targets import Flavour
 from export.transforms import Transform
 
@@ -89,26 +101,55 @@ def _from_positions(op) -> bool:
     return id(op) in block._edgellm_pos_ops
 
 
-def convert(model, capacity: int, progress=print):
-    """The fp16 ML Program (coremltools MLModel, not loaded) for a decoder in the fp16 flavour."""
+def convert(ep: torch.export.ExportedProgram, capacity: int, int4: "Int4Weights | None" = None,
+            progress=print):
+    """The fp16 ML Program (coremltools MLModel, not loaded) of a traced decoder in the fp16 flavour.
+
+    With ``int4``, the conversion runs coremltools' default pipeline with one pass of ours
+    (``edgellm::int4_weights``) inserted just before ``common::add_fp16_cast``: there each
+    placeholder weight const becomes the shared int4 codes, before any fp16 copy exists."""
     import coremltools as ct
 
     t = time.time()
-    ep = export_program(model, capacity)
-    progress(f"coreml: torch.export in {time.time() - t:.1f}s")
-    t = time.time()
     T = ct.RangeDim(lower_bound=1, upper_bound=capacity - 1, default=1)
-    mlmodel = ct.convert(
-        ep,
-        inputs=[ct.TensorType("tokens", shape=(1, T), dtype=np.int32),
-                ct.TensorType("input_pos", shape=(T,), dtype=np.int32)],
-        outputs=[ct.TensorType("logits", dtype=np.float16)],
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.transform.FP16ComputePrecision(op_selector=lambda op: not _keep_fp32(op)),
-        skip_model_load=True,
-    )
+    pipeline = ct.PassPipeline.DEFAULT
+    with _registered(int4) as pass_id:
+        if pass_id is not None:
+            pipeline.insert_pass(pipeline.passes.index("common::add_fp16_cast"), pass_id)
+        mlmodel = ct.convert(
+            ep,
+            inputs=[ct.TensorType("tokens", shape=(1, T), dtype=np.int32),
+                    ct.TensorType("input_pos", shape=(T,), dtype=np.int32)],
+            outputs=[ct.TensorType("logits", dtype=np.float16)],
+            minimum_deployment_target=ct.target.iOS18,
+            compute_precision=ct.transform.FP16ComputePrecision(op_selector=lambda op: not _keep_fp32(op)),
+            pass_pipeline=pipeline,
+            skip_model_load=True,
+        )
     progress(f"coreml: converted to an fp16 ML Program in {time.time() - t:.1f}s")
+    if int4 is not None:
+        mlmodel = _reconvert(mlmodel, progress)
     return mlmodel
+
+
+def _reconvert(mlmodel, progress=print):
+    """The saved program read back and run through coremltools' default pipeline once more.
+
+    The previous lowering swapped the weights with ``_apply_graph_pass``, which does exactly
+    this (milproto -> pymil -> default pipeline -> milproto), and its artifact shows it: a
+    second negative-index guard on the embedding gather, renumbered names, no build-info
+    attributes, no debug-handle map. Kept so the artifact stays the same program (equal protos)
+    with a byte-identical weight blob; the weights are already int4 here (one byte per code once
+    read back), and the first program is dropped before the second is built."""
+    import coremltools as ct
+    from coremltools.models.utils import _apply_graph_pass
+
+    t = time.time()
+    mlmodel._mil_program = None
+    gc.collect()  # a MIL program is a web of op <-> var cycles: freed only by the collector
+    out = _apply_graph_pass(mlmodel, [], spec_version=ct.target.iOS18, skip_model_load=True)
+    progress(f"coreml: program re-read and re-run through the default pipeline in {time.time() - t:.1f}s")
+    return out
 
 
 def _weight_key(const_name: str) -> str:
@@ -117,86 +158,174 @@ def _weight_key(const_name: str) -> str:
     return name[: -len("_to_fp16")] if name.endswith("_to_fp16") else name
 
 
-def int4_pass(quant):
-    """A MIL graph pass replacing each quantized weight const by constexpr_blockwise_shift_scale.
+# --------------------------------------------------------------------------- weights without copies
 
-    Weight consts are matched by name to ``quant.weights`` and checked by value: the const
-    (converted from the dequantized reference) must equal fp16(codes * scales) exactly, so a
-    mismatch in naming or layout is an error, not a silent wrong model.
+def _placeholder(shape, key: int) -> torch.Tensor:
+    """A weight that costs no memory: the constant ``key`` broadcast to ``shape`` (stride 0).
+
+    Distinct per quantized tensor, so coremltools' const deduplication (which hashes values)
+    keeps distinct weights distinct, as it does with the real ones."""
+    return torch.full((), float(key)).expand(*shape)
+
+
+def weightless_decoder(job) -> Decoder:
+    """The flavour's decoder on the CPU, traceable exactly as the real one, holding no weights:
+    each quantized weight is allocated but never written (untouched pages cost no memory), the
+    other parameters (norms) and the buffers from ``job.tensor_source()``.
+
+    Not the meta device: torch.export decomposes some ops differently for meta tensors (a
+    ``view`` becomes ``_unsafe_view`` with a static shape, a cache slice disappears), which
+    would change the converted program."""
+    quant = job.quant.weights if job.quant is not None else {}
+    source = job.tensor_source()
+    model = job.decoder(meta=True)
+    made: dict[int, torch.Tensor] = {}  # id(meta tensor) -> its CPU tensor: tied parameters stay one
+    keep = []  # the meta tensors, alive while their ids key ``made``
+    for mname, mod in model.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            name = f"{mname}.{pname}" if mname else pname
+            if id(p) not in made:
+                keep.append(p)
+                value = torch.empty(p.shape, dtype=torch.float32) if name in quant else source(name)
+                if tuple(value.shape) != tuple(p.shape):
+                    raise RuntimeError(f"coreml: {name} is {tuple(value.shape)} in the checkpoint, "
+                                       f"{tuple(p.shape)} in the decoder")
+                made[id(p)] = torch.nn.Parameter(value, requires_grad=False)
+            mod._parameters[pname] = made[id(p)]
+        for bname, buf in list(mod._buffers.items()):
+            if buf is not None:  # a copy each: the one-layer source serves every layer's cache
+                mod._buffers[bname] = source(f"{mname}.{bname}" if mname else bname).clone()
+    return model.eval()
+
+
+def placeholder_weights(ep: torch.export.ExportedProgram, job) -> dict[str, tuple[int, str, object]]:
+    """Swap, in the traced ``ep``, each quantized weight (allocated, never written) for a
+    stride-0 placeholder: what coremltools turns into a const without copying it.
+
+    Returns {lifted const name (``p_...``): (placeholder key, state-dict name, QuantizedWeight)}."""
+    quant = job.quant.weights if job.quant is not None else {}
+    keys: dict[int, int] = {}  # id(QuantizedWeight) -> key: a tied pair shares one placeholder
+    lifted = {s.target: s.arg.name for s in ep.graph_signature.input_specs if s.target is not None}
+    placeholders: dict[str, tuple[int, str, object]] = {}
+    for name in ep.graph_signature.parameters:
+        if name in quant:
+            q = quant[name]
+            key = keys.setdefault(id(q), len(keys) + 1)
+            ep.state_dict[name] = torch.nn.Parameter(_placeholder(q.shape, key), requires_grad=False)
+            placeholders[lifted[name]] = (key, name, q)
+    return placeholders
+
+
+class Int4Weights:
+    """A MIL graph pass replacing each placeholder weight const by constexpr_blockwise_shift_scale.
+
+    Runs right before ``common::add_fp16_cast``: each quantized weight const (still the fp32
+    placeholder of ``placeholder_weights``) becomes ``cast(constexpr_blockwise_shift_scale(codes, fp16
+    scales), fp32)``; add_fp16_cast then casts it back to fp16 and ``cast_optimization`` drops
+    the pair, so the consumer reads the constexpr directly: the program the old
+    convert-then-swap produced, without the fp32 and fp16 copies of every weight. Codes are
+    produced one tensor at a time from the shared quantization (4 bits per code there, one byte
+    per code in the MIL program: coremltools' int4 numpy dtype is int8 with metadata).
+
+    Each const is matched by name and checked to still be its own placeholder (same shape,
+    stride 0, its key) read as a linear weight or a gather table, so a renamed, folded or
+    relaid-out weight is an error, not a silently wrong model.
     """
-    from coremltools.converters.mil.mil import Builder as mb
-    from coremltools.converters.mil.mil import types
-    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 
-    by_key = {k.replace(".", "_"): (k, q) for k, q in quant.weights.items()}
+    def __init__(self, quant, placeholders: dict[str, tuple[int, str, object]]):
+        self.quant = quant
+        self.placeholders = placeholders
+        self.replaced: dict[str, str] = {}  # constexpr name -> state-dict name
 
-    class Int4Weights(AbstractGraphPass):
-        def __init__(self):
-            super().__init__()
-            self.replaced: dict[str, str] = {}
+    def __call__(self, prog):
+        self.apply(prog)
 
-        def apply(self, prog):
-            for f in prog.functions.values():
-                for op in list(f.operations):
-                    if op.op_type != "const" or _weight_key(op.name) not in by_key:
-                        continue
-                    name, q = by_key[_weight_key(op.name)]
-                    self._replace(op, name, q)
-            done = {id(by_key[k.replace(".", "_")][1]) for k in self.replaced.values()}
-            missing = sorted(k for k, q in quant.weights.items() if id(q) not in done)  # tied: one tensor
-            if missing:
-                raise RuntimeError(f"coreml: quantized weights not found in the converted program: {missing[:4]}")
+    def set_options(self, options):
+        if options:
+            raise ValueError("edgellm::int4_weights takes no options")
 
-        def _replace(self, op, name, q):
-            codes = q.codes.numpy()
-            if q.zero_points is None:
-                data, offset = codes.astype(types.np_int4_dtype), None
-            else:  # asymmetric: uint4 codes minus a uint4 offset per block
-                data = codes.astype(np.uint8).astype(types.np_uint4_dtype)
-                offset = q.zero_points.numpy().astype(np.uint8).astype(types.np_uint4_dtype)
-            scales = q.scales.numpy().astype(np.float16)
-            if not np.array_equal(scales.astype(np.float32), q.scales.numpy()):
-                raise ValueError(f"coreml: scales of {name} are not fp16-representable (quantization contract)")
-            val = op.outputs[0].val
-            deq = q.dequantize().numpy().astype(np.float16)
-            if val.shape != deq.shape or not np.array_equal(val, deq):
-                raise RuntimeError(f"coreml: const {op.name} does not hold the dequantized {name}")
-            with op.enclosing_block:
-                kw = {"offset": offset} if offset is not None else {}
-                new = mb.constexpr_blockwise_shift_scale(data=data, scale=scales, name=op.name + "_int4",
-                                                         before_op=op, **kw)
-            op.enclosing_block.replace_uses_of_var_after_op(
-                anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True,
-                force_replace=True)
-            op.enclosing_block.remove_ops([op])
-            self.replaced[op.name] = name
+    def apply(self, prog):
+        done: dict[int, object] = {}  # id(QuantizedWeight) -> its constexpr var (tied weights)
+        for f in prog.functions.values():
+            ops = list(f.operations)
+            order = {id(o): i for i, o in enumerate(ops)}
+            for op in ops:
+                if op.op_type == "const" and op.name in self.placeholders:
+                    self._replace(f, op, *self.placeholders[op.name], done, order)
+        missing = sorted(k for k, q in self.quant.weights.items() if id(q) not in done)
+        if missing:
+            raise RuntimeError(f"coreml: quantized weights not found in the converted program: {missing[:4]}")
 
-    return Int4Weights()
+    def _replace(self, block, op, key, name, q, done, order):
+        from coremltools.converters.mil.mil import Builder as mb
+        from coremltools.converters.mil.mil import types
+        from coremltools.converters.mil.mil.scope import ScopeInfo
+
+        val = op.outputs[0].val
+        if (tuple(val.shape) != tuple(q.shape) or any(val.strides) or val.dtype != np.float32
+                or val.reshape(-1)[0] != key):
+            raise RuntimeError(f"coreml: const {op.name} is no longer the placeholder of {name}")
+        for child in op.outputs[0].child_ops:
+            uses = [k for k, v in child.inputs.items() if v is op.outputs[0]]
+            if (child.op_type, uses) not in (("linear", ["weight"]), ("gather", ["x"])):
+                raise RuntimeError(f"coreml: {name} is read by {child.op_type}({uses}), not as a weight")
+        first = min(op.outputs[0].child_ops, key=lambda o: order[id(o)])  # where add_fp16_cast puts it
+        with block, mb.scope(*[ScopeInfo(source=k, data=v) for k, v in op.scopes.items()]):
+            if id(q) not in done:
+                codes = q.codes.numpy()
+                if q.zero_points is None:
+                    data, kw = codes.view(types.np_int4_dtype), {}
+                else:  # asymmetric: uint4 codes minus a uint4 offset per block
+                    data = codes.view(np.uint8).view(types.np_uint4_dtype)
+                    kw = {"offset": q.zero_points.numpy().astype(np.uint8).astype(types.np_uint4_dtype)}
+                scales = q.scales.numpy().astype(np.float16)
+                if not np.array_equal(scales.astype(np.float32), q.scales.numpy()):
+                    raise ValueError(f"coreml: scales of {name} are not fp16-representable (quantization contract)")
+                new = mb.constexpr_blockwise_shift_scale(data=data, scale=scales, name=op.name + "_to_fp16_int4",
+                                                         before_op=first, **kw)
+                done[id(q)] = mb.cast(x=new, dtype="fp32", name=op.name + "_int4_fp32", before_op=first)
+                self.replaced[new.name] = name
+            block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=done[id(q)])
+            block.remove_ops([op])
 
 
-def quantize_weights(mlmodel, quant, progress=print):
-    """Swap the fp16 weights of ``mlmodel`` for the shared int4 codes/scales (a new MLModel)."""
-    import coremltools as ct
-    from coremltools.models.utils import _apply_graph_pass
+@contextmanager
+def _registered(graph_pass: Int4Weights | None):
+    """``graph_pass`` in coremltools' pass registry for the duration of one conversion."""
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
-    t = time.time()
-    p = int4_pass(quant)
-    out = _apply_graph_pass(mlmodel, p, spec_version=ct.target.iOS18, skip_model_load=True)
-    progress(f"coreml: {len(p.replaced)} weight tensors -> constexpr_blockwise_shift_scale in {time.time() - t:.1f}s")
-    return out, p.replaced
+    if graph_pass is None:
+        yield None
+        return
+    pass_id = "edgellm::int4_weights"
+    PASS_REGISTRY.add("edgellm", graph_pass, override=True, name="int4_weights")
+    try:
+        yield pass_id
+    finally:
+        PASS_REGISTRY.passes.pop(pass_id, None)
 
 
 def lower(job) -> Path:
+    """Trace without weights, give each tensor its value (quantized ones a free placeholder),
+    convert with the int4 swap inside coremltools' pipeline, save."""
     cap = job.loaded.config.max_seq_len
-    with job.stage("convert"):
-        model = job.decoder(quantized_reference=True)
-        mlmodel = convert(model, cap, job.progress)
+    with job.stage("trace"):
+        t = time.time()
+        model = weightless_decoder(job)
+        ep = export_program(model, cap)
+        job.progress(f"coreml: torch.export (quantized weights left unwritten) in {time.time() - t:.1f}s")
         applied = list(model.transforms)
         del model
-    replaced = {}
-    if job.quant is not None:
-        with job.stage("int4 weights"):
-            mlmodel, replaced = quantize_weights(mlmodel, job.quant, job.progress)
+        placeholders = placeholder_weights(ep, job)
+    int4 = Int4Weights(job.quant, placeholders) if job.quant is not None else None
+    with job.stage("convert"):
+        mlmodel = convert(ep, cap, int4, job.progress)
+        del ep
+    replaced = int4.replaced if int4 is not None else {}
+    if int4 is not None:
+        job.progress(f"coreml: {len(replaced)} weight tensors -> constexpr_blockwise_shift_scale")
     with job.writer() as w:
         with job.stage("write"):
             mlmodel.save(str(w.path(PACKAGE)))
@@ -207,4 +336,3 @@ def lower(job) -> Path:
             "outputs": {"logits": "fp16[1, T, vocab]"}, "states": "kv_cache k/v per layer, fp16",
             "int4_tensors": len(replaced)})
         return w.commit(manifest)
-

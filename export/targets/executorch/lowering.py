@@ -27,6 +27,7 @@ from torch import nn
 from edgellm.decoder import Decoder
 from edgellm.tokenizer import Tokenizer, runner_json
 from export.targets import Flavour
+from export.targets.executorch.lean_lowering import lean_lowering
 from export.transforms import Transform
 
 PTE_FILE = "model.pte"
@@ -73,26 +74,43 @@ def intx_tensor(qw, activations: bool):
                                     (1, qw.group_size), torch.float32, act)
 
 
-def attach_quantization(model: Decoder, quant) -> list[str]:
-    """Replace every quantized weight of ``model`` by its int4 tensor; returns the names replaced."""
-    modules = dict(model.named_modules())
+def int4_weight(module: nn.Module, name: str, qw) -> torch.Tensor:
+    """The int4 tensor XNNPACK takes for ``module``'s weight: 8da4w for a Linear, weight-only
+    for an Embedding (the gather dequantizes)."""
+    if isinstance(module, nn.Linear):
+        if module.in_features % qw.group_size:
+            raise ValueError(f"{name}: in_features {module.in_features} is not a multiple of the group size "
+                             f"{qw.group_size}; XNNPACK's 4-bit linear needs whole groups")
+        return intx_tensor(qw, activations=True)
+    if isinstance(module, nn.Embedding):
+        return intx_tensor(qw, activations=False)
+    raise TypeError(f"quantized weight {name!r} belongs to a {type(module).__name__}, not a Linear/Embedding")
+
+
+def weighted_decoder(job) -> tuple[Decoder, list[str]]:
+    """The flavour's decoder, built on the meta device and then given its tensors one at a time:
+    the shared int4 codes as torchao tensors for the quantized weights, the checkpoint's fp32 for
+    the rest (norms), the buffers from ``job.tensor_source()`` -- the fp32 model never exists.
+    Returns the decoder and the names of the weights it carries as int4."""
+    model = job.decoder(meta=True)
+    source = job.tensor_source()
+    quant = job.quant.weights if job.quant is not None else {}
+    unknown = sorted(set(quant) - {n for n, _ in model.named_parameters(remove_duplicate=False)})
+    if unknown:
+        raise KeyError(f"quantized weights {unknown[:3]} do not exist in the decoder")
     done = []
-    for name, qw in quant.weights.items():
-        mod_name, _, attr = name.rpartition(".")
-        mod = modules.get(mod_name)
-        if mod is None or attr != "weight":
-            raise KeyError(f"quantized weight {name!r} does not exist in the decoder")
-        if isinstance(mod, nn.Linear):
-            if mod.in_features % qw.group_size:
-                raise ValueError(f"{name}: in_features {mod.in_features} is not a multiple of the group size "
-                                 f"{qw.group_size}; XNNPACK's 4-bit linear needs whole groups")
-            mod.weight = nn.Parameter(intx_tensor(qw, activations=True), requires_grad=False)
-        elif isinstance(mod, nn.Embedding):
-            mod.weight = nn.Parameter(intx_tensor(qw, activations=False), requires_grad=False)
-        else:
-            raise TypeError(f"quantized weight {name!r} belongs to a {type(mod).__name__}, not a Linear/Embedding")
-        done.append(name)
-    return done
+    for prefix, mod in model.named_modules():
+        for attr, _ in list(mod.named_parameters(recurse=False)):  # a tied head is visited under both names
+            name = f"{prefix}.{attr}" if prefix else attr
+            if name in quant:
+                setattr(mod, attr, nn.Parameter(int4_weight(mod, name, quant[name]), requires_grad=False))
+                done.append(name)
+            else:  # a default Parameter, as a module built with weights has (the .pte records the flag)
+                setattr(mod, attr, nn.Parameter(source(name)))
+        for attr, _ in list(mod.named_buffers(recurse=False)):
+            # a copy each: the one-layer source serves every layer's (mutable) cache buffers
+            mod._buffers[attr] = source(f"{prefix}.{attr}" if prefix else attr).clone()
+    return model, done
 
 
 # ---- export ----
@@ -127,8 +145,11 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",)):
     from executorch.exir.dialects._ops import ops
     from executorch.exir.passes import MemoryPlanningPass
 
-    edge = to_edge_transform_and_lower(ep, partitioner=[PARTITIONERS[p]() for p in partitioners], constant_methods=constants,
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    with lean_lowering():  # the same program, without retraces that cannot change it (lean_lowering.py)
+        edge = to_edge_transform_and_lower(ep, partitioner=[PARTITIONERS[p]() for p in partitioners],
+                                           constant_methods=constants,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    del ep  # the delegates hold what they took; the int8 codes they consumed can go (when the caller let go too)
     et = edge.to_executorch(ExecutorchBackendConfig(
         passes=[], do_quant_fusion_and_const_prop=True,  # torchao dequantize_affine+embedding -> embedding_4bit
         run_reinplace_pass=True, reinplace_extra_ops=frozenset({ops.edge.aten.index_copy.default}),
@@ -151,22 +172,21 @@ def delegation_census(ep) -> dict:
 
 
 def exported_program(job):
-    """The program handed to lowering: (ExportedProgram, decoder, quantized names)."""
-    model = job.decoder()
-    quantized = []
-    if job.quant is not None:
-        quantized = attach_quantization(model, job.quant)
+    """The program handed to lowering: (ExportedProgram, transforms applied, quantized names).
+    The decoder itself is not returned: the program holds its tensors, nothing else does."""
+    model, quantized = weighted_decoder(job)
+    if quantized:
         job.progress(f"executorch: {len(quantized)} weights as int4 (8da4w linears, 4-bit embedding)")
-    ep = export_program(model, job.loaded.config.max_seq_len)
-    return ep, model, quantized
+    return export_program(model, job.loaded.config.max_seq_len), list(model.transforms), quantized
 
 
 def lower(job) -> Path:
     cfg, flavour = job.loaded.config, job.flavour
     with job.stage("trace"):
-        ep, model, quantized = exported_program(job)
-    with job.stage("lower"):
-        et, census = lower_program(ep, constant_methods(job), flavour.options["partitioners"])
+        traced = list(exported_program(job))
+        applied, quantized = traced[1:]
+    with job.stage("lower"):  # the program's only reference moves into lower_program, which drops it
+        et, census = lower_program(traced.pop(0), constant_methods(job), flavour.options["partitioners"])
     outside = ", ".join(f"{k} x{v}" for k, v in census["outside"].items()) or "none"
     job.progress(f"executorch: {census['delegates']} delegate calls; ops outside delegates: {outside}")
     with job.writer() as w:
@@ -174,7 +194,7 @@ def lower(job) -> Path:
             w.path(PTE_FILE).write_bytes(et.buffer)
             job.write_tokenizer(w)
             runner_json.write(Tokenizer.load(w.dir), w.dir)  # as read back, for ExecuTorch's TextLLMRunner
-        manifest = job.manifest(PTE_FILE, model.transforms, executorch={
+        manifest = job.manifest(PTE_FILE, applied, executorch={
             "flavour": flavour.name, "method": "forward", "dynamic_tokens": [1, cfg.max_seq_len - 1],
             "custom_ops": bool(flavour.options["custom_ops"]), "partitioners": list(flavour.options["partitioners"]),
             "quantized_weights": len(quantized), "linear_scheme": "8da4w" if quantized else "fp32",

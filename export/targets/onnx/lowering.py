@@ -24,14 +24,12 @@ The traced graph is then rewritten with onnx-ir, never re-derived:
 from __future__ import annotations
 
 import ast
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgellm.decoder import Decoder
-from export import transforms
 from export.targets import Flavour
 from export.targets.onnx.fusion import fuse_for_ort_cpu
 from export.targets.onnx.graph import (MS, WEIGHTS_KEY, _init, _matmul_nbits, _node, _remove_unused,
@@ -129,32 +127,8 @@ def _export(model: Decoder, optimize: bool):
                                  optimize=optimize)
 
 
-def _buffer_donor(job) -> Decoder:
-    """The flavour's decoder at one layer and a two-row vocabulary: the same buffers (RoPE tables,
-    mask positions, per-layer constants) as the full model, without its weights."""
-    small = replace(job.loaded.config, n_layers=1, vocab_size=2, hidden_dim=2)
-    return transforms.apply(Decoder(small), list(job.flavour.transforms))
-
-
-def _initializer_source(job, donor: Decoder):
-    """name -> array for the weight-free trace: weights read one at a time from the checkpoint
-    (fp32), nothing for the weights the int4 rewrite replaces, buffers from ``donor``."""
-    weights = job.loaded.weights
-    quantized = set(job.quant.weights) if job.quant is not None else set()
-    buffers = dict(donor.named_buffers())
-
-    def value(name: str):
-        if name in quantized:
-            return None
-        if name in weights:
-            return weights[name].float().numpy()
-        parts = name.split(".")
-        key = ".".join(["layers", "0", *parts[2:]]) if parts[0] == "layers" else name
-        if key not in buffers:
-            raise RuntimeError(f"ONNX lowering: traced initializer {name!r} is neither a weight nor a buffer")
-        return buffers[key].numpy()
-
-    return value
+def _numpy(t: torch.Tensor | None):
+    return None if t is None else t.numpy()
 
 
 # --------------------------------------------------------------------------- graph helpers
@@ -331,11 +305,11 @@ def lower(job) -> Path:
         cfg = model.config
         job.progress(f"onnx: tracing {job.loaded.recipe.name} ({cfg.n_layers} layers, cache {cfg.max_seq_len}) "
                      f"without weights")
-        donor = _buffer_donor(job)
-        onnx_model = trace(model, _initializer_source(job, donor))
-        cos, sin = donor.rope.cos.numpy(), donor.rope.sin.numpy()
+        source = job.tensor_source()
+        onnx_model = trace(model, lambda name: _numpy(source(name)))
+        cos, sin = source("rope.cos").numpy(), source("rope.sin").numpy()
         applied = list(model.transforms)
-        del model, donor
+        del model
     with job.stage("rewrite"):
         if job.quant is not None:
             apply_int4(onnx_model, job.quant, cfg, job.progress)

@@ -1,0 +1,170 @@
+"""The seed models at full size, through every target, on this machine.
+
+For each recipe: a full-size HF folder with seeded random bf16 weights (``export.make_checkpoint``,
+written once under the cache directory), then for each target a ``python -m export`` child
+process (wall time, peak RSS, the per-stage figures from its manifest, artifact bytes and bytes
+per parameter) and, for .pte and .onnx, one child per thread count that loads the artifact and
+decodes (load time, runtime peak RSS, decode tok/s) beside the bandwidth bound: artifact bytes
+read once per token at the machine's read bandwidth, measured in the same run.
+
+    python bench/scale.py [--recipes xgen-7b-8k-base ...] [--targets executorch onnx coreml]
+                          [--max-seq-len 2048] [--threads 1 2] [--cache out/scale]
+                          [--json FILE] [--markdown FILE] [--keep]
+
+Checkpoints and artifacts are deleted after each recipe unless ``--keep`` (a 13B folder is 26 GB).
+Random weights decode at the speed of real ones (the work per token does not depend on values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgellm.artifact import dir_size  # noqa: E402
+from edgellm.recipes import load_recipe  # noqa: E402
+from runtime.bench import read_bandwidth_gbs, run_measured  # noqa: E402
+
+RECIPES = ("xgen-7b-8k-base", "xgen-7b-8k-inst", "xverse-7b", "xverse-13b-256k", "xgen-mobile-4b")
+TARGETS = ("executorch", "onnx", "coreml")
+RUNNABLE = ("executorch", "onnx")  # Core ML cannot execute on Linux
+PROMPT, DECODE = 16, 32
+
+# Child: load an artifact at a thread count and decode; imports are timed apart from the load.
+RUN_CHILD = """
+import json, sys, time
+import runtime
+from runtime.bench import measure
+t = time.time()
+b = runtime.load(sys.argv[1], threads=int(sys.argv[2]))
+load_s = time.time() - t
+r = measure(b, int(sys.argv[3]), int(sys.argv[4]), runs=int(sys.argv[5]), warmup=0)
+print("RESULT " + json.dumps({"load_s": round(load_s, 2), **r.to_dict()}))
+"""
+
+
+def model_type(recipe: str) -> str:
+    return "xverse" if recipe.startswith("xverse") else "llama"
+
+
+def checkpoint(recipe: str, cache: Path, log) -> tuple[Path, float]:
+    """The recipe's full-size HF folder (written unless present) and the seconds writing took."""
+    ck = cache / "checkpoints" / recipe
+    if ck.exists():
+        return ck, 0.0
+    p, wall, peak = run_measured(["-m", "export.make_checkpoint", recipe, str(ck), "--model-type", model_type(recipe)])
+    if p.returncode:
+        raise RuntimeError(f"make_checkpoint {recipe} failed:\n{p.stderr[-2000:]}")
+    log(f"{recipe}: checkpoint written in {wall:.0f}s (peak RSS {peak / 1024:.1f} GiB)")
+    return ck, wall
+
+
+def export(recipe: str, target: str, ck: Path, out: Path, max_seq_len: int) -> dict:
+    p, wall, peak = run_measured(["-m", "export", "--target", target, "--recipe", recipe, "--checkpoint", str(ck),
+                                  "--max-seq-len", str(max_seq_len), "--out", str(out)])
+    row = {"export_s": round(wall, 1), "export_peak_rss_gib": round(peak / 1024, 2), "rc": p.returncode}
+    if p.returncode:
+        row["error"] = (p.stderr.strip().splitlines() or ["?"])[-1][:300]
+        return row
+    art = next(d for d in out.iterdir() if d.is_dir() and f"-{target}-" in d.name and not d.name.startswith("."))
+    manifest = json.loads((art / "manifest.json").read_text())
+    size = dir_size(art) - sum(f.stat().st_size for f in art.glob("tokenizer*"))
+    params = _params(recipe)
+    row.update(artifact=str(art), artifact_gb=round(size / 1e9, 3), bytes_per_parameter=round(size / params, 3),
+               stages={k: {"s": v["seconds"], "peak_gib": round(v["peak_rss_mb"] / 1024, 2)}
+                       for k, v in manifest["export"]["stages"].items()})
+    return row
+
+
+def _params(recipe: str) -> int:
+    return load_recipe(recipe).model_config().num_parameters()
+
+
+def run(artifact: str, threads: int, runs: int) -> dict:
+    p, _, peak = run_measured(["-c", RUN_CHILD, artifact, str(threads), str(PROMPT), str(DECODE), str(runs)])
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if p.returncode or line is None:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    r = json.loads(line[len("RESULT "):])
+    return {"load_s": r["load_s"], "decode_tok_s": round(r["decode_tok_s"], 2), "runtime_peak_rss_gib": round(peak / 1024, 2)}
+
+
+def markdown(report: dict) -> str:
+    bw = report["bandwidth_gbs"]
+    head = ["recipe", "target", "params B", "export s", "export peak GiB", "artifact GB", "B/param"]
+    for t in report["threads"]:
+        head += [f"load s ({t}t)", f"run RSS GiB ({t}t)", f"decode {t}t", f"bound {t}t", f"% bound {t}t"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        cells = [r["recipe"], r["target"], f"{r['params'] / 1e9:.2f}", str(r.get("export_s", "")),
+                 str(r.get("export_peak_rss_gib", "")), str(r.get("artifact_gb", r.get("error", ""))),
+                 str(r.get("bytes_per_parameter", ""))]
+        for t in report["threads"]:
+            m = r.get("runtime", {}).get(str(t), {})
+            bound = bw[str(t)] * 1e9 / (r["artifact_gb"] * 1e9) if "decode_tok_s" in m else None
+            cells += [str(m.get("load_s", "")), str(m.get("runtime_peak_rss_gib", "")), str(m.get("decode_tok_s", m.get("error", ""))),
+                      f"{bound:.1f}" if bound else "", f"{100 * m['decode_tok_s'] / bound:.0f} %" if bound else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("read bandwidth: " + ", ".join(f"{v:.1f} GB/s at {k} thread(s)" for k, v in bw.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/scale.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache capacity of every export")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--cache", type=Path, default=ROOT / "out" / "scale")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    p.add_argument("--keep", action="store_true", help="keep checkpoints and artifacts")
+    args = p.parse_args(argv)
+    for r in args.recipes:
+        load_recipe(r)  # unknown names fail before any work
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    report = {"max_seq_len": args.max_seq_len, "threads": args.threads, "rows": [],
+              "bandwidth_gbs": {str(t): round(read_bandwidth_gbs(t), 2) for t in args.threads}}
+    log(f"read bandwidth {report['bandwidth_gbs']} GB/s")
+    json_path = args.json or args.cache / "scale.json"
+    md_path = args.markdown or args.cache / "scale.md"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    for recipe in args.recipes:
+        ck, _ = checkpoint(recipe, args.cache, log)
+        for target in args.targets:
+            out = args.cache / "artifacts" / recipe
+            row = {"recipe": recipe, "target": target, "params": _params(recipe),
+                   **export(recipe, target, ck, out, args.max_seq_len)}
+            log(f"{recipe} -> {target}: {row.get('export_s')}s, peak {row.get('export_peak_rss_gib')} GiB, "
+                f"{row.get('artifact_gb', row.get('error'))} GB")
+            if target in RUNNABLE and "artifact" in row:
+                row["runtime"] = {}
+                for t in args.threads:
+                    row["runtime"][str(t)] = run(row["artifact"], t, args.runs)
+                    log(f"  {t} thread(s): {row['runtime'][str(t)]}")
+            report["rows"].append(row)
+            json_path.write_text(json.dumps(report, indent=2))
+            md_path.write_text(markdown(report) + "\n")
+            if not args.keep and "artifact" in row:
+                shutil.rmtree(row["artifact"], ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(ck, ignore_errors=True)
+    print(markdown(report))
+    log(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
