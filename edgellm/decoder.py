@@ -227,3 +227,18 @@ def buffer_source(cfg: ModelConfig, prepare=None):
         return buffers[key]
 
     return value
+
+
+def fill(model: nn.Module, parameter, buffer) -> nn.Module:
+    """Give a decoder built on the meta device its tensors one at a time, in place:
+    ``parameter(name, module, meta_param)`` returns each parameter (a tied one is visited under
+    both names), ``buffer(name)`` each buffer's value, copied (a one-layer source serves every
+    layer's mutable cache). Order and names stay those of the module built with weights."""
+    for prefix, mod in model.named_modules():
+        for attr, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[attr] = parameter(f"{prefix}.{attr}" if prefix else attr, mod, p)
+        for attr, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[attr] = buffer(f"{prefix}.{attr}" if prefix else attr).clone()
+    return model

@@ -19,7 +19,7 @@ from torch import nn
 from edgellm import gguf_file
 from edgellm.assets import fetch
 from edgellm.config import ModelConfig
-from edgellm.decoder import Decoder, buffer_source
+from edgellm.decoder import Decoder, buffer_source, fill
 from edgellm.errors import CheckpointError
 from edgellm.recipes import DEFAULT_RECIPE, QuantConfig, Recipe, load_recipe, parse_recipe
 from edgellm.tokenizer import Tokenizer, tokenizer_from_source
@@ -59,23 +59,20 @@ class LoadedModel:
     def _decoder_without(self, skip: set[str]) -> Decoder:
         with torch.device("meta"):
             model = Decoder(self.config)
-        buffers = buffer_source(self.config)
-        for prefix, mod in model.named_modules():
-            for attr, p in list(mod.named_parameters(recurse=False)):
-                name = f"{prefix}.{attr}" if prefix else attr
-                if name in skip:
-                    value = torch.empty(0)
-                else:
-                    src = "embed_tokens.weight" if name == "lm_head.weight" and self.config.tie_embeddings else name
-                    if src not in self.weights:
-                        raise CheckpointError(f"checkpoint does not match the architecture: missing {src}")
-                    value = self.weights[src].float()
-                    if tuple(value.shape) != tuple(p.shape):
-                        raise CheckpointError(f"checkpoint does not match the architecture: {src} is "
-                                              f"{tuple(value.shape)}, the config needs {tuple(p.shape)}")
-                setattr(mod, attr, nn.Parameter(value, requires_grad=False))
-            for attr, _ in list(mod.named_buffers(recurse=False)):
-                mod._buffers[attr] = buffers(f"{prefix}.{attr}" if prefix else attr).clone()
+
+        def parameter(name, _mod, p):
+            if name in skip:
+                return nn.Parameter(torch.empty(0), requires_grad=False)
+            src = "embed_tokens.weight" if name == "lm_head.weight" and self.config.tie_embeddings else name
+            if src not in self.weights:
+                raise CheckpointError(f"checkpoint does not match the architecture: missing {src}")
+            value = self.weights[src].float()
+            if tuple(value.shape) != tuple(p.shape):
+                raise CheckpointError(f"checkpoint does not match the architecture: {src} is "
+                                      f"{tuple(value.shape)}, the config needs {tuple(p.shape)}")
+            return nn.Parameter(value, requires_grad=False)
+
+        fill(model, parameter, buffer_source(self.config))
         if self.config.tie_embeddings and "lm_head.weight" not in skip:
             model.lm_head.weight = model.embed_tokens.weight
         return model.eval()

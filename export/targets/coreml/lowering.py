@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgellm.decoder import Decoder
+from edgellm.decoder import Decoder, fill
 from export.targets import Flavour
 from export.transforms import Transform
 
@@ -181,22 +181,18 @@ def weightless_decoder(job) -> Decoder:
     model = job.decoder(meta=True)
     made: dict[int, torch.Tensor] = {}  # id(meta tensor) -> its CPU tensor: tied parameters stay one
     keep = []  # the meta tensors, alive while their ids key ``made``
-    for mname, mod in model.named_modules():
-        for pname, p in list(mod._parameters.items()):
-            if p is None:
-                continue
-            name = f"{mname}.{pname}" if mname else pname
-            if id(p) not in made:
-                keep.append(p)
-                value = torch.empty(p.shape, dtype=torch.float32) if name in quant else source(name)
-                if tuple(value.shape) != tuple(p.shape):
-                    raise RuntimeError(f"coreml: {name} is {tuple(value.shape)} in the checkpoint, "
-                                       f"{tuple(p.shape)} in the decoder")
-                made[id(p)] = torch.nn.Parameter(value, requires_grad=False)
-            mod._parameters[pname] = made[id(p)]
-        for bname, buf in list(mod._buffers.items()):
-            if buf is not None:  # a copy each: the one-layer source serves every layer's cache
-                mod._buffers[bname] = source(f"{mname}.{bname}" if mname else bname).clone()
+
+    def parameter(name, _mod, p):
+        if id(p) not in made:
+            keep.append(p)
+            value = torch.empty(p.shape, dtype=torch.float32) if name in quant else source(name)
+            if tuple(value.shape) != tuple(p.shape):
+                raise RuntimeError(f"coreml: {name} is {tuple(value.shape)} in the checkpoint, "
+                                   f"{tuple(p.shape)} in the decoder")
+            made[id(p)] = torch.nn.Parameter(value, requires_grad=False)
+        return made[id(p)]
+
+    fill(model, parameter, source)
     return model.eval()
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgellm.decoder import Decoder
+from edgellm.decoder import Decoder, fill
 from edgellm.tokenizer import Tokenizer, runner_json
 from export.targets import Flavour
 from export.targets.executorch.lean_lowering import lean_lowering
@@ -99,17 +99,14 @@ def weighted_decoder(job) -> tuple[Decoder, list[str]]:
     if unknown:
         raise KeyError(f"quantized weights {unknown[:3]} do not exist in the decoder")
     done = []
-    for prefix, mod in model.named_modules():
-        for attr, _ in list(mod.named_parameters(recurse=False)):  # a tied head is visited under both names
-            name = f"{prefix}.{attr}" if prefix else attr
-            if name in quant:
-                setattr(mod, attr, nn.Parameter(int4_weight(mod, name, quant[name]), requires_grad=False))
-                done.append(name)
-            else:  # a default Parameter, as a module built with weights has (the .pte records the flag)
-                setattr(mod, attr, nn.Parameter(source(name)))
-        for attr, _ in list(mod.named_buffers(recurse=False)):
-            # a copy each: the one-layer source serves every layer's (mutable) cache buffers
-            mod._buffers[attr] = source(f"{prefix}.{attr}" if prefix else attr).clone()
+
+    def parameter(name, mod, _meta):
+        if name in quant:
+            done.append(name)
+            return nn.Parameter(int4_weight(mod, name, quant[name]), requires_grad=False)
+        return nn.Parameter(source(name))  # a default Parameter, as a module built with weights has (the .pte records the flag)
+
+    fill(model, parameter, source)
     return model, done
 
 
