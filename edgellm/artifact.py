@@ -83,31 +83,47 @@ class ArtifactWriter:
     """Assemble an artifact in a temp directory next to its final place; ``commit`` renames it.
 
     Use as a context manager: on an exception the temp directory is removed. While it lives the
-    writer holds an exclusive lock on ``.NAME.lock`` beside the artifact, so two exports into the
-    same folder cannot interleave; holding it, any ``.NAME.*`` temp directory left by a killed
-    run is stale and is removed. The directory gets ordinary permissions (the umask's).
+    writer holds an exclusive lock on ``.NAME.lock`` beside the artifact (removed when it is done),
+    so two exports into the same folder cannot interleave; holding it, any ``.NAME.*`` temp
+    directory left by a killed run is stale and is removed. On failure, output folders the writer
+    created are removed again if empty. The directory gets ordinary permissions (the umask's).
     """
 
     final: Path
 
     def __post_init__(self):
         self.final = Path(self.final)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.final.parent / f".{self.final.name}.lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise ArtifactError(f"another export is writing {self.final} right now; wait for it to finish "
-                                f"or choose another --out") from None
-        for stale in self.final.parent.glob(f".{self.final.name}.*"):
+        root = self.final.parent
+        self._made = [p for p in (root, *root.parents) if not p.exists()]  # removed again if we fail
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock_path = root / f".{self.final.name}.lock"
+        self._lock = self._acquire(self._lock_path)
+        for stale in root.glob(f".{self.final.name}.*"):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=root))
         umask = os.umask(0)
         os.umask(umask)
         self._umask = umask
         os.chmod(self.dir, 0o777 & ~umask)
+
+    def _acquire(self, path: Path):
+        """An exclusive lock on ``path``, re-checked after locking: a holder unlinks the file on exit,
+        so a lock taken on a file that was unlinked meanwhile is retried on the new one."""
+        while True:
+            f = open(path, "a")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                raise ArtifactError(f"another export is writing {self.final} right now; wait for it to finish "
+                                    f"or choose another --out") from None
+            try:
+                if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                    return f
+            except FileNotFoundError:
+                pass
+            f.close()
 
     def __enter__(self) -> "ArtifactWriter":
         return self
@@ -115,7 +131,17 @@ class ArtifactWriter:
     def __exit__(self, exc_type, exc, tb):
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
-        self._lock.close()  # releases the lock; the empty lock file stays (removing it would race)
+        try:
+            os.unlink(self._lock_path)  # while still holding it: see _acquire
+        except OSError:
+            pass
+        self._lock.close()
+        if exc_type is not None:
+            for p in self._made:  # folders this export created, innermost first, if still empty
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
 
     def path(self, name: str) -> Path:
         return self.dir / name

@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgellm import checks
+from edgellm.errors import EdgeLLMError
 from edgellm.rope import RopeConfig
+
+# Sanity ceilings on the architecture's sizes (well above any published decoder): a typo such as
+# ``dim: 40960000`` is refused here instead of by an allocation minutes later.
+_SIZE_LIMITS = {"vocab_size": 1 << 22, "dim": 1 << 16, "n_layers": 1024, "n_heads": 1024, "hidden_dim": 1 << 18,
+                "n_kv_heads": 1024, "head_dim": 1024}
+MAX_SEQ_LEN = 1 << 20  # cache slots; the RoPE tables and mask are built for all of them
 
 
 @dataclass
@@ -32,6 +40,15 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.rope, dict):
             self.rope = RopeConfig(**self.rope)
+        for name, hi in _SIZE_LIMITS.items():
+            if getattr(self, name) is not None or name not in ("n_kv_heads", "head_dim"):
+                setattr(self, name, checks.integer(getattr(self, name), name, 1, hi))
+        self.max_seq_len = checks.integer(self.max_seq_len, "max_seq_len", 2, MAX_SEQ_LEN,
+                                          fix="the KV cache needs at least 2 slots")
+        self.norm_eps = checks.number(self.norm_eps, "norm_eps", 0, 1, lo_open=True, hi_open=True)
+        for name in ("tie_embeddings", "attention_bias", "o_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise EdgeLLMError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -40,8 +57,6 @@ class ModelConfig:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

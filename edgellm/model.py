@@ -9,16 +9,16 @@ An artifact's manifest records enough to rebuild the same model (``model_from_ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from edgellm import gguf_file
+from edgellm import checks, gguf_file
 from edgellm.assets import fetch
-from edgellm.config import ModelConfig
+from edgellm.config import MAX_SEQ_LEN, ModelConfig
 from edgellm.decoder import Decoder, buffer_source, fill
 from edgellm.errors import CheckpointError
 from edgellm.recipes import DEFAULT_RECIPE, QuantConfig, Recipe, load_recipe, parse_recipe
@@ -31,6 +31,7 @@ class LoadedModel:
     recipe: Recipe
     config: ModelConfig
     weights: Weights
+    _tokenizer: Tokenizer | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def origin(self) -> str:
@@ -79,7 +80,13 @@ class LoadedModel:
 
     def tokenizer(self) -> Tokenizer:
         """The shared tokenizer for this model: the recipe's source (or the checkpoint's own
-        tokenizer), the recipe's chat template and ids, checked against the embedding rows."""
+        tokenizer), the recipe's chat template and ids, checked against the embedding rows.
+        Built once (an export resolves it before any heavy work, then writes it)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._build_tokenizer()
+        return self._tokenizer
+
+    def _build_tokenizer(self) -> Tokenizer:
         src = dict(self.recipe.tokenizer)
         if src["source"] in ("hf", "gguf") and not src.get("path") and not src.get("asset"):
             if Path(self.origin).exists():
@@ -116,9 +123,20 @@ def _recipe_from_checkpoint(path: Path, cfg: ModelConfig) -> Recipe:
 
 
 
+MAX_SEED = 2**32 - 1
+
+
 def resolve_model(checkpoint: str | Path | None = None, recipe: str | Path | Recipe | None = None, *,
                   max_seq_len: int | None = None, seed: int = 0, n_layers: int | None = None) -> LoadedModel:
     """Load the configuration and (lazily) the weights. ``n_layers`` truncates the depth."""
+    if max_seq_len is not None:
+        max_seq_len = checks.integer(max_seq_len, "--max-seq-len", 2, MAX_SEQ_LEN,
+                                     fix="the KV cache needs at least 2 slots")
+    seed = checks.integer(seed, "--seed", 0, MAX_SEED)
+    if n_layers is not None:
+        n_layers = checks.integer(n_layers, "--n-layers", 1, fix="it truncates the model's depth")
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass an HF model folder or a .gguf file")
     if checkpoint is None and recipe is None:
         recipe = DEFAULT_RECIPE
     rec = recipe if isinstance(recipe, Recipe) else (load_recipe(recipe) if recipe is not None else None)
@@ -131,13 +149,23 @@ def resolve_model(checkpoint: str | Path | None = None, recipe: str | Path | Rec
         if rec is None:
             rec = _recipe_from_checkpoint(path, cfg)
         if n_layers is not None:
+            _check_depth(n_layers, cfg.n_layers, str(path))
             cfg.n_layers = n_layers
             weights = weights.truncated(n_layers)
     else:
-        overrides = {"n_layers": n_layers} if n_layers is not None else {}
+        overrides = {}
+        if n_layers is not None:
+            _check_depth(n_layers, rec.model_config().n_layers, f"recipe {rec.name}")
+            overrides["n_layers"] = n_layers
         cfg = rec.model_config(max_seq_len, **overrides)
         weights = random_weights(cfg, seed)
     return LoadedModel(rec, cfg, weights)
+
+
+def _check_depth(n_layers: int, depth: int, what: str) -> None:
+    if n_layers > depth:
+        raise CheckpointError(f"--n-layers {n_layers} is deeper than {what} ({depth} layers); --n-layers only "
+                              f"truncates: give 1..{depth}")
 
 
 def model_from_manifest(manifest: dict[str, Any]) -> LoadedModel:

@@ -8,15 +8,17 @@ an error that names the field and lists the valid ones.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from edgellm.errors import RecipeError
+from edgellm import checks
+from edgellm.errors import EdgeLLMError, RecipeError
 
-from edgellm.config import ModelConfig
+from edgellm.config import MAX_SEQ_LEN, ModelConfig
 from edgellm.rope import RopeConfig
 
 # The YAML files live in the top-level recipes/ folder; edgellm/recipes links to it, so the same
@@ -40,10 +42,14 @@ class QuantConfig:
     def __post_init__(self):
         if self.scheme not in ("int4", "none"):
             raise RecipeError(f"quantization.scheme {self.scheme!r} is not supported; use int4 or none")
-        if self.group_size <= 0 or self.group_size % 2:
+        group = checks.integer(self.group_size, "quantization.group_size", 2, 4096)
+        if group % 2:
             raise RecipeError(f"quantization.group_size must be a positive even number, got {self.group_size}")
-        if self.embedding_bits not in (None, 4):
+        if self.embedding_bits not in (None, 4) or isinstance(self.embedding_bits, bool):
             raise RecipeError(f"quantization.embedding_bits must be 4 or null, got {self.embedding_bits}")
+        for name in ("symmetric", "scale_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"quantization.{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -97,9 +103,29 @@ def _check_keys(where: str, got: dict, valid: set[str], required: set[str] = fro
         raise RecipeError(f"missing field {missing[0]!r} in {where}; required: {', '.join(sorted(required))}")
 
 
+# A recipe's name becomes part of the artifact folder's name.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
     """Validate a recipe mapping and return a ``Recipe`` (errors name the bad field)."""
+    try:
+        return _parse_recipe(data, origin)
+    except RecipeError:
+        raise
+    except EdgeLLMError as e:  # a value check of edgellm.checks: say where it was
+        raise RecipeError(f"{origin}: {e}") from None
+
+
+def _parse_recipe(data: dict[str, Any], origin: str) -> Recipe:
     _check_keys(f"recipe {origin}", data, set(_REQUIRED) | set(_OPTIONAL), set(_REQUIRED))
+    if not isinstance(data["name"], str) or not _NAME.fullmatch(data["name"]):
+        raise RecipeError(f"{origin}: name must be letters, digits, '.', '_' or '-' (it names the artifact "
+                          f"folder), got {data['name']!r}")
+    if not isinstance(data["description"], str):
+        raise RecipeError(f"{origin}: description must be a string, got {data['description']!r}")
+    if data.get("bos_id") is not None:
+        checks.integer(data["bos_id"], f"{origin}: bos_id", 0)
     arch = data.get("architecture")
     if arch is not None:
         _check_keys(f"{origin}: architecture", arch, _ARCH_FIELDS,
@@ -122,9 +148,9 @@ def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
                                 or not all(isinstance(t, str) and t for t in targets)):
         raise RecipeError(f"{origin}: targets must be a non-empty list of target names (the export pipeline "
                           f"checks the names), got {targets!r}")
-    if not isinstance(data["max_seq_len"], int) or data["max_seq_len"] < 2:
-        raise RecipeError(f"{origin}: max_seq_len must be an integer ≥ 2, got {data['max_seq_len']!r}")
-    if not data["eos_ids"] or not all(isinstance(i, int) for i in data["eos_ids"]):
+    checks.integer(data["max_seq_len"], "max_seq_len", 2, MAX_SEQ_LEN)
+    if (not isinstance(data["eos_ids"], list) or not data["eos_ids"]
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in data["eos_ids"])):
         raise RecipeError(f"{origin}: eos_ids must be a non-empty list of integers")
     try:
         quant = QuantConfig(**data["quantization"])
@@ -159,6 +185,16 @@ def load_recipe(name_or_path: str | Path | None = None) -> Recipe:
         if not path.exists():
             raise RecipeError(f"unknown recipe {str(name_or_path)!r}; available: {', '.join(available_recipes())} "
                               f"(or pass a path to a .yaml file)")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise RecipeError(f"recipe {path} is not valid YAML{at} ({getattr(e, 'problem', None) or e}); "
+                          f"fix the file") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not a text (UTF-8 YAML) file") from None
+    except OSError as e:
+        raise RecipeError(f"recipe {path} cannot be read ({e.strerror})") from None
     return parse_recipe(data, origin=path.name)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from edgellm import checks
+
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
 
 REQUIRED = object()
@@ -53,6 +55,18 @@ class RopeConfig:
     def __post_init__(self):
         if self.type not in ROPE_TYPES:
             raise ValueError(f"unsupported RoPE scaling type {self.type!r}; supported: {', '.join(ROPE_TYPES)}")
+        self.theta = checks.number(self.theta, "rope.theta", 0, lo_open=True)
+        self.partial_rotary_factor = checks.number(self.partial_rotary_factor, "rope.partial_rotary_factor", 0, 1,
+                                                   lo_open=True)
+        for key in ("factor", "alpha", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+                    "low_freq_factor", "high_freq_factor"):
+            if getattr(self, key) is not None:
+                setattr(self, key, checks.number(getattr(self, key), f"rope.{key}"))
+        if self.original_max_position_embeddings is not None:
+            self.original_max_position_embeddings = checks.integer(
+                self.original_max_position_embeddings, "rope.original_max_position_embeddings", 1)
+        if self.truncate is not None and not isinstance(self.truncate, bool):
+            raise ValueError(f"rope.truncate must be true or false, got {self.truncate!r}")
         for key, default in _PARAMS[self.type].items():
             if getattr(self, key) is None:
                 if default is REQUIRED:

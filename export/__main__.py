@@ -1,26 +1,24 @@
 """``python -m export --target {TARGET,...,all}``: one load, one quantization, N targets.
 
 With no recipe or checkpoint it exports the embedded default (SmolLM2-135M-Instruct).
-``all`` exports to the recipe's targets (every registered target if it names none).
+``all`` exports to the recipe's targets (every registered target if it names none). Every
+option is checked before any heavy import or work (``export.pipeline.check_request``).
 """
 
 from __future__ import annotations
 
-from edgellm.artifact import dir_size
-
 import argparse
 import sys
+from pathlib import Path
 
 import edgellm  # noqa: F401  (environment defaults before torch loads)
-from edgellm.errors import EdgeLLMError
+from edgellm import cli
 from export import targets as target_registry
-from export.pipeline import run_export
 
 
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+def parser() -> cli.Parser:
+    p = cli.Parser(prog="python -m export", description=__doc__,
+                   epilog="exit codes: 0 ok, 1 bad input, 2 usage, 3 I/O, 4 internal error, 130 interrupted")
     p.add_argument("--target", required=True, choices=[*target_registry.names(), "all"])
     p.add_argument("--recipe", help="recipe name (see recipes/) or path to a recipe YAML")
     p.add_argument("--checkpoint", help="HF folder (config.json + safetensors/.bin) or a .gguf file")
@@ -33,35 +31,41 @@ def main(argv=None) -> int:
     p.add_argument("--n-layers", type=int, help="truncate the depth (dry runs of big recipes)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="export even if the estimated peak memory exceeds what this machine has available")
-    args = p.parse_args(argv)
+    cli.add_common_flags(p)
+    return p
 
+
+def export_command(args: argparse.Namespace, term: cli.Terminal) -> int:
     import time
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    t0 = time.time()
-    try:
-        with console.status("exporting") as status:
-            def progress(msg: str):
-                console.log(msg)
-                status.update(msg)
+    from edgellm.artifact import dir_size
+    from export.pipeline import run_export
 
-            results = run_export(args.target, recipe=args.recipe, checkpoint=args.checkpoint, quant=args.quant,
-                                 max_seq_len=args.max_seq_len, out=args.out, flavour=args.flavour,
-                                 seed=args.seed, n_layers=args.n_layers, progress=progress,
-                                 memory_check=not args.skip_memory_check)
-    except (EdgeLLMError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    console = term.console()
+    t0 = time.time()
+    with term.activity(console) as progress:
+        results = run_export(args.target, recipe=args.recipe, checkpoint=args.checkpoint, quant=args.quant,
+                             max_seq_len=args.max_seq_len, out=args.out, flavour=args.flavour,
+                             seed=args.seed, n_layers=args.n_layers, progress=progress,
+                             memory_check=not args.skip_memory_check)
     table = Table(title=f"exported in {time.time() - t0:.1f}s")
     for col in ("target", "artifact", "size MB"):
         table.add_column(col)
     for target, path in results.items():
         table.add_row(target, str(path), f"{dir_size(path) / 1e6:.1f}")
     console.print(table)
+    if term.log is not None:
+        term.keep_log_at = Path(args.out) / "export.log"
+        console.print(f"library output: {term.keep_log_at}")
     return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return cli.run(lambda term: export_command(args, term), prog="python -m export", debug=args.debug,
+                   verbose=args.verbose, capture=argv is None)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ temporary name and renamed into place.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -19,20 +18,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from edgellm import checks, cli
+from edgellm.errors import EdgeLLMError
 
-from edgellm import architectures
-from edgellm.recipes import load_recipe
-from edgellm.tokenizer import runner_json, tokenizer_from_source
-from edgellm.weights import decoder_shapes, random_tensor
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("bf16", "fp16", "fp32")
 STAND_IN_TOKENIZER = {"source": "gguf", "asset": "smollm2-135m-instruct.gguf"}
 
 
 def _tokenizer(rec, cfg, progress):
     """The recipe's tokenizer, or (a recipe whose tokenizer only comes with its checkpoint) a
     stand-in: SmolLM2's byte-level BPE, which fits any embedding of 49152 rows or more."""
+    from edgellm.tokenizer import tokenizer_from_source
+
     src = dict(rec.tokenizer)
     if src["source"] == "hf" and not src.get("path"):
         progress(f"{rec.name}: its tokenizer ships only with the published checkpoint; writing SmolLM2's "
@@ -50,16 +47,32 @@ def _tokenizer(rec, cfg, progress):
 def write_checkpoint(recipe: str, out: str | Path, *, seed: int = 0, n_layers: int | None = None,
                      max_seq_len: int | None = None, dtype: str = "bf16", model_type: str = "llama",
                      shard_bytes: int = 2 << 30, progress=print) -> Path:
+    import torch
+
+    from edgellm import architectures
+    from edgellm.recipes import load_recipe
+    from edgellm.weights import decoder_shapes
+
+    if dtype not in DTYPES:
+        raise EdgeLLMError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    checks.number(shard_bytes, "--shard-gb", 1 << 20, fix="shards of at least 1 MiB")
+    seed = checks.integer(seed, "--seed", 0, 2**32 - 1)
     rec = load_recipe(recipe)
+    if n_layers is not None:
+        checks.integer(n_layers, "--n-layers", 1, rec.model_config().n_layers, fix="it truncates the recipe's depth")
+    if max_seq_len is not None:
+        checks.integer(max_seq_len, "--max-seq-len", 2)
     cfg = rec.model_config(max_seq_len, **({"n_layers": n_layers} if n_layers else {}))
     arch = architectures.for_model_type(model_type)
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"{out} exists; remove it or choose another folder")
+        raise EdgeLLMError(f"{out} exists; remove it or choose another folder")
+    checks.output_dir(out.parent, "the checkpoint's folder", need_bytes=cfg.num_parameters() * {
+        "bf16": 2, "fp16": 2, "fp32": 4}[dtype] + (64 << 20))
     shapes = decoder_shapes(cfg)
     if cfg.tie_embeddings:
         shapes.pop("lm_head.weight")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     size = torch.tensor([], dtype=torch_dtype).element_size()
     shards, current, used = [], [], 0
     for name, shape in shapes.items():
@@ -74,6 +87,9 @@ def write_checkpoint(recipe: str, out: str | Path, *, seed: int = 0, n_layers: i
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         from safetensors.torch import save_file
+
+        from edgellm.tokenizer import runner_json
+        from edgellm.weights import random_tensor
 
         weight_map, total = {}, 0
         for i, names in enumerate(shards):
@@ -104,27 +120,28 @@ def write_checkpoint(recipe: str, out: str | Path, *, seed: int = 0, n_layers: i
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.make_checkpoint", description=__doc__)
+    p = cli.Parser(prog="python -m export.make_checkpoint", description=__doc__)
     p.add_argument("recipe")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-layers", type=int)
     p.add_argument("--max-seq-len", type=int, help="max_position_embeddings in config.json (default: the recipe's cache)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--model-type", choices=["llama", "mistral", "xverse"], default="llama",
                    help="config.json format (XVERSE's checkpoints are model_type xverse)")
     p.add_argument("--shard-gb", type=float, default=2.0)
+    cli.add_common_flags(p)
     args = p.parse_args(argv)
-    if args.n_layers is not None and args.n_layers < 1:
-        p.error("--n-layers must be at least 1")
-    try:
+
+    def command(term: cli.Terminal) -> int:
+        shard_gb = checks.number(args.shard_gb, "--shard-gb", 0, lo_open=True)
         write_checkpoint(args.recipe, args.out, seed=args.seed, n_layers=args.n_layers, max_seq_len=args.max_seq_len,
-                         dtype=args.dtype, model_type=args.model_type, shard_bytes=int(args.shard_gb * 2**30),
-                         progress=lambda m: print(m, file=sys.stderr))
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+                         dtype=args.dtype, model_type=args.model_type, shard_bytes=int(shard_gb * 2**30),
+                         progress=lambda m: print(m, file=term.err))
+        return 0
+
+    return cli.run(command, prog="python -m export.make_checkpoint", debug=args.debug, verbose=args.verbose,
+                   capture=argv is None)
 
 
 if __name__ == "__main__":

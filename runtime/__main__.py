@@ -1,6 +1,8 @@
 """``python -m runtime {generate,parity,bench,tokenize,inspect,assets}``.
 
-SPEC is an artifact directory or ``eager:RECIPE_OR_CHECKPOINT[:int4]``.
+SPEC is an artifact directory or ``eager:RECIPE_OR_CHECKPOINT[:int4]``. Every option is checked
+before the backends (torch, XNNPACK, ONNX Runtime) load; errors are one line with the exit codes
+of ``edgellm.cli``.
 """
 
 from __future__ import annotations
@@ -9,56 +11,105 @@ import argparse
 import json
 import sys
 
-import runtime
-from edgellm.artifact import read_manifest
-from edgellm.assets import fetch, fetch_all
-from runtime.backend import spec_class
-from runtime.backends.eager import EagerBackend
-from runtime.bench import measure, table
-from runtime.generate import SamplingConfig, generate
-from runtime.inspect import inspect_artifact, render
-from runtime.parity import merge_reports, problems, run_parity
+import edgellm  # noqa: F401  (environment defaults before torch, XNNPACK or ORT load)
+from edgellm import checks, cli
+from edgellm.errors import EdgeLLMError
+
+TERM: cli.Terminal  # the user's streams for this command (set by main)
 
 
 def _console():
-    from rich.console import Console
-
-    # Wide enough for the parity table when the output is a file or a CI log.
-    return Console(stderr=False, width=None if sys.stdout.isatty() else 200)
+    return TERM.console()
 
 
-def _backend(spec: str, args) -> "runtime.Backend":
+def _is_eager(spec: str) -> bool:
+    return spec == "eager" or spec.startswith("eager:")
+
+
+def check_spec(spec: str) -> str:
+    """A SPEC that can be loaded: an artifact folder with a manifest, or an eager spec (its recipe
+    or checkpoint is checked when it loads). Cheap: nothing heavy is imported."""
+    if _is_eager(spec):
+        return spec
+    from edgellm.artifact import read_manifest
+
+    read_manifest(spec, verify=False)
+    return spec
+
+
+def _backend(spec: str, args):
+    import runtime
+
     opts = {}
-    if vars(args).get("threads"):
+    if vars(args).get("threads") is not None:
         opts["threads"] = args.threads
-    if vars(args).get("max_seq_len") and spec.startswith("eager"):
+    if vars(args).get("max_seq_len") is not None:
         opts["max_seq_len"] = args.max_seq_len
     return runtime.load(spec, **opts)
 
 
+def check_args(args) -> None:
+    """The checks every command shares (ranges, paths); each command adds its own."""
+    specs = [args.spec] if vars(args).get("spec") else list(vars(args).get("specs") or [])
+    if args.cmd != "tokenize":  # tokenize also takes recipes, checkpoints and .gguf files
+        for s in specs + ([args.reference] if vars(args).get("reference") else []):
+            check_spec(s)
+    if vars(args).get("threads") is not None:
+        checks.threads(args.threads)
+    for n in vars(args).get("threads_list") or []:
+        checks.threads(n)
+    if vars(args).get("max_seq_len") is not None:
+        if not all(_is_eager(s) for s in specs):
+            raise EdgeLLMError("--max-seq-len only applies to eager specs: an artifact's cache capacity is fixed "
+                               "at export (re-export with python -m export --max-seq-len N)")
+        checks.integer(args.max_seq_len, "--max-seq-len", 2)
+    for flag in ("json", "plot"):
+        if vars(args).get(flag):
+            checks.output_file(vars(args)[flag], f"--{flag}")
+
+
 def cmd_generate(args) -> int:
-    backend = _backend(args.spec, args)
+    from runtime.generate import SamplingConfig, generate
+
+    checks.text(args.prompt, "--prompt", fix="give the text to continue")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    stream = None if args.no_stream else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    backend = _backend(args.spec, args)
+    out = TERM.out
+    # A chat shows the answer on its own line after the user's message; a plain prompt is continued.
+    before, between = ("user: ", "\nassistant: ") if args.chat else ("", "")
+    stream = None if args.no_stream else (lambda s: (out.write(s), out.flush()))
     if stream:
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
+        out.write(before + args.prompt + between)
+        out.flush()
     res = generate(backend, args.prompt, cfg, on_text=stream, chat=args.chat)
     if stream:
-        sys.stdout.write("\n")
+        out.write("\n")
     else:
-        print(args.prompt + res.text)
+        print(before + args.prompt + between + res.text, file=out)
     print(f"[{backend.name}] prompt {len(res.prompt_ids)} tok at {res.prefill_tok_s:.1f} tok/s, "
           f"generated {len(res.tokens)} tok at {res.decode_tok_s:.1f} tok/s, stopped: {res.stopped}",
-          file=sys.stderr)
+          file=TERM.err)
     return 0
 
 
 def cmd_parity(args) -> int:
+    checks.integer(args.steps, "--steps", 1, fix="the number of greedy steps compared after each prompt")
+    checks.integer(args.text_tokens, "--text-tokens", 2, fix="perplexity needs at least 2 tokens")
+    if args.text:
+        checks.input_file(args.text, "--text")
+    if args.text and args.no_text:
+        raise EdgeLLMError("--text and --no-text contradict each other; give one")
+    if not args.reference and all(_is_eager(s) for s in args.specs):
+        raise EdgeLLMError("every candidate is eager: give --reference SPEC to compare them with")
+    import runtime
+    from edgellm.artifact import read_manifest
+    from edgellm.assets import fetch
+    from runtime.backends.eager import EagerBackend
+    from runtime.parity import merge_reports, problems, run_parity
 
     console = _console()
-    manifests = {s: read_manifest(s) for s in args.specs if not s.startswith("eager")}
+    manifests = {s: read_manifest(s) for s in args.specs if not _is_eager(s)}
     candidates = {}
     for s in args.specs:
         with console.status(f"loading {s}"):
@@ -81,13 +132,15 @@ def cmd_parity(args) -> int:
                 kw = {"quantization": quant} if quant is not None else {}
                 references[scheme] = EagerBackend.reference_for(first, activations=scheme or False, **kw)
                 quant = references[scheme].quantization
-    else:
-        print("parity: give --reference SPEC when every candidate is eager", file=sys.stderr)
-        return 2
     text = None
     if not args.no_text:
         if args.text:
-            text = open(args.text).read()
+            try:
+                text = open(args.text, encoding="utf-8").read()
+            except UnicodeDecodeError:
+                raise EdgeLLMError(f"--text {args.text} is not UTF-8 text") from None
+            if not text.strip():
+                raise EdgeLLMError(f"--text {args.text} is empty; give a text to score perplexity on")
         else:
             text = fetch("us-constitution.txt").read_text()
     reports = [run_parity(group, references[scheme], steps=args.steps, text=text, text_tokens=args.text_tokens,
@@ -116,6 +169,13 @@ def cmd_parity(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    checks.integer(args.prompt_tokens, "--prompt-tokens", 1)
+    checks.integer(args.decode_tokens, "--decode-tokens", 1)
+    checks.integer(args.runs, "--runs", 1, 100)
+    import runtime
+    from runtime.backend import spec_class
+    from runtime.bench import measure, table
+
     console = _console()
     results = []
     with_threads = "threads" in spec_class(args.spec).accepts
@@ -134,29 +194,37 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    tok = runtime.load_tokenizer(args.spec)
+    from edgellm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.spec)
     pairs = tok.describe(args.text, allow_special=args.allow_special)
-    print(" ".join(str(i) for i, _ in pairs))
+    print(" ".join(str(i) for i, _ in pairs), file=TERM.out)
     for i, piece in pairs:
-        print(f"{i:>8}  {piece}")
-    print(f"{len(pairs)} tokens", file=sys.stderr)
+        print(f"{i:>8}  {piece}", file=TERM.out)
+    print(f"{len(pairs)} tokens", file=TERM.err)
     return 0
 
 
 def cmd_inspect(args) -> int:
+    from runtime.inspect import inspect_artifact, render
+
     info = inspect_artifact(args.spec)
-    print(json.dumps(info, indent=2, default=str) if args.json else render(info))
+    print(json.dumps(info, indent=2, default=str) if args.json else render(info), file=TERM.out)
     return 0
 
 
 def cmd_assets(args) -> int:
-    for name, path in fetch_all(progress=lambda m: print(m, file=sys.stderr)).items():
-        print(f"{name}: {path}")
+    from edgellm.assets import fetch_all
+
+    for name, path in fetch_all(progress=lambda m: print(m, file=TERM.err)).items():
+        print(f"{name}: {path}", file=TERM.out)
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+def parser() -> cli.Parser:
+    p = cli.Parser(prog="python -m runtime", description=__doc__,
+                   epilog="exit codes: 0 ok, 1 bad input, 2 usage, 3 I/O, 4 internal error, 130 interrupted")
+    cli.add_common_flags(p)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
@@ -209,12 +277,22 @@ def main(argv=None) -> int:
     a = sub.add_parser("assets", help="fetch and verify the packaged assets")
     a.set_defaults(fn=cmd_assets)
 
-    args = p.parse_args(argv)
-    try:
+    for command in sub.choices.values():
+        cli.add_common_flags(command, default=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+
+    def command(term: cli.Terminal) -> int:
+        global TERM
+        TERM = term
+        check_args(args)
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+    return cli.run(command, prog=f"python -m runtime {args.cmd}", debug=args.debug, verbose=args.verbose,
+                   capture=argv is None)
 
 
 if __name__ == "__main__":

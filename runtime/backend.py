@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from edgellm import checks
 from edgellm.artifact import dir_size, read_manifest
 from edgellm.plugins import Registry
 from edgellm.tokenizer import Tokenizer
@@ -54,6 +55,15 @@ class BackendOptions:
     max_seq_len: int | None = None  # eager: cache capacity
     seed: int = 0  # eager: random weights of a recipe without a checkpoint
     n_layers: int | None = None  # eager: truncated depth
+
+    def __post_init__(self):
+        if self.threads is not None:
+            object.__setattr__(self, "threads", checks.threads(self.threads, "threads"))
+        if self.max_seq_len is not None:
+            object.__setattr__(self, "max_seq_len", checks.integer(self.max_seq_len, "max_seq_len", 2))
+        if self.n_layers is not None:
+            object.__setattr__(self, "n_layers", checks.integer(self.n_layers, "n_layers", 1))
+        object.__setattr__(self, "seed", checks.integer(self.seed, "seed", 0))
 
     def given(self) -> set[str]:
         """Names of the options set to something other than their default."""

@@ -150,8 +150,11 @@ def measure_calls(prefill: Callable[[list[int]], Any], decode: Callable[[Any], A
 def measure(backend: Backend, prompt_tokens: int = 64, decode_tokens: int = 128, runs: int = 3,
             name: str | None = None, warmup: int = 1) -> BenchResult:
     """Median over ``runs`` (after ``warmup`` untimed ones) of prefill and greedy decode speed."""
+    if prompt_tokens < 1 or decode_tokens < 1:
+        raise ValueError(f"bench needs at least one prompt and one decode token, got {prompt_tokens} and {decode_tokens}")
     if prompt_tokens + decode_tokens > backend.max_seq_len:
-        decode_tokens = max(1, backend.max_seq_len - prompt_tokens)
+        raise ValueError(f"{prompt_tokens} prompt + {decode_tokens} decode tokens exceed {backend.name}'s KV cache "
+                         f"of {backend.max_seq_len}; lower --prompt-tokens/--decode-tokens")
     ids = bench_prompt(prompt_tokens, backend.vocab_size)
     return measure_calls(lambda prompt: int(np.argmax(backend.prefill(prompt))),
                          lambda tok: int(np.argmax(backend.decode(tok))),

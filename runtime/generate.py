@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgellm import checks
 from runtime.backend import Backend, CacheOverflowError
 
 
@@ -28,14 +29,13 @@ class SamplingConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be ≥ 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.max_new_tokens = checks.integer(self.max_new_tokens, "max_new_tokens", 1)
+        self.temperature = checks.number(self.temperature, "temperature", 0, fix="0 is greedy")
+        self.top_k = checks.integer(self.top_k, "top_k", 0, fix="0 turns it off")
+        self.top_p = checks.number(self.top_p, "top_p", 0, 1, lo_open=True, fix="1 turns it off")
+        self.repetition_penalty = checks.number(self.repetition_penalty, "repetition_penalty", 0, lo_open=True,
+                                                fix="1 turns it off")
+        self.seed = checks.integer(self.seed, "seed", 0, 2**32 - 1)
 
 
 @dataclass

@@ -24,7 +24,7 @@ def test_commit_is_atomic_and_verified(tmp_path):
     art = _write(tmp_path / "a")
     m = read_manifest(art)
     assert set(m["files"]) == {"model.bin"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock", "a"]  # no temp dir left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp dir, no lock file left
     (art / "model.bin").write_text("y")
     with pytest.raises(ArtifactError, match="does not match its sha256"):
         read_manifest(art)
@@ -35,7 +35,14 @@ def test_a_failed_write_leaves_nothing(tmp_path):
         with ArtifactWriter(tmp_path / "a") as w:
             w.path("model.bin").write_text("partial")
             1 / 0
-    assert [p.name for p in tmp_path.iterdir()] == [".a.lock"]
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_failed_write_removes_the_output_folders_it_created(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with ArtifactWriter(tmp_path / "new" / "deeper" / "a"):
+            1 / 0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_manifest_without_its_file_list_is_refused(tmp_path):
@@ -80,7 +87,7 @@ def test_a_second_writer_is_refused_and_a_killed_writer_leaves_nothing_stale(tmp
     stale = [d for d in tmp_path.iterdir() if d.is_dir()]
     assert stale and stale[0].name.startswith(".a.")
     art = _write(final)  # the next export to the same place removes it
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock", "a"] and read_manifest(art)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and read_manifest(art)
 
 
 def test_files_written_private_are_committed_with_ordinary_permissions(tmp_path, tiny):

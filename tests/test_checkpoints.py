@@ -394,7 +394,7 @@ def _copy(src, dst):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(CheckpointError, match="neither an HF folder nor a .gguf file"):
+    with pytest.raises(CheckpointError, match="does not exist; pass an HF model folder or a .gguf file"):
         load_decoder(checkpoint=tmp_path / "nothing-here")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_gguf(tmp_path / "missing.gguf")

@@ -17,10 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("edgellm", "export", "runtime")
 ALLOWED = {"edgellm": set(), "export": {"edgellm"}, "runtime": {"edgellm"}}
-# Project imports inside functions that are there for laziness (discovery by name), not cycles.
-LAZY_OK = {
-    ("edgellm/architectures/__init__.py", "importlib"),
-}
+# Modules whose project imports inside functions are there for laziness, not cycles: the command
+# lines check their input and point the libraries' output at the log file before they import
+# what they run (torchao prints at import time).
+LAZY_OK = {"export/__main__.py", "export/make_checkpoint.py", "runtime/__main__.py"}
 
 
 def _modules():
@@ -57,7 +57,7 @@ def test_dependencies_point_one_way(pkg, path):
         top = name.split(".")[0]
         if top in PACKAGES and top != pkg:
             assert top in ALLOWED[pkg], f"{path.relative_to(ROOT)} imports {name}: {pkg} may not depend on {top}"
-        if in_fn and top in PACKAGES:
+        if in_fn and top in PACKAGES and str(path.relative_to(ROOT)) not in LAZY_OK:
             pytest.fail(f"{path.relative_to(ROOT)} imports {name} inside a function: move it to the top of the "
                         f"module (a project import in a function hides a dependency or dodges a cycle)")
 

@@ -26,6 +26,8 @@ from typing import Any, Iterable
 
 import tiktoken  # edgellm's package import has set TIKTOKEN_CACHE_DIR (see edgellm.env)
 
+from edgellm.errors import EdgeLLMError
+
 FORMAT_VERSION = 1
 RANKS_FILE = "tokenizer.tiktoken"
 META_FILE = "tokenizer.meta.json"
@@ -254,15 +256,22 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
         d = Path(directory)
-        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{d / META_FILE} has format_version {meta.get('format_version')!r}, "
-                             f"this edgellm reads {FORMAT_VERSION}; re-export the artifact")
-        return cls(read_tiktoken_ranks(d / RANKS_FILE), meta["pat_str"], meta["special_tokens"],
-                   bos_id=meta["bos_id"], eos_ids=meta["eos_ids"], pad_id=meta["pad_id"],
-                   chat_template=meta["chat_template"], embedding_rows=meta["embedding_rows"],
-                   source=meta.get("source", ""), always_special=meta.get("always_special", ()),
-                   dropped_ids=meta.get("dropped_ids", ()))
+        for name in (META_FILE, RANKS_FILE):
+            if not (d / name).is_file():
+                raise EdgeLLMError(f"{d} has no tokenizer ({name} is missing); re-export the artifact")
+        try:
+            meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise EdgeLLMError(f"{d / META_FILE} has format_version {meta.get('format_version')!r}, "
+                                   f"this edgellm reads {FORMAT_VERSION}; re-export the artifact")
+            return cls(read_tiktoken_ranks(d / RANKS_FILE), meta["pat_str"], meta["special_tokens"],
+                       bos_id=meta["bos_id"], eos_ids=meta["eos_ids"], pad_id=meta["pad_id"],
+                       chat_template=meta["chat_template"], embedding_rows=meta["embedding_rows"],
+                       source=meta.get("source", ""), always_special=meta.get("always_special", ()),
+                       dropped_ids=meta.get("dropped_ids", ()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise EdgeLLMError(f"the tokenizer in {d} is corrupt ({type(e).__name__}: {e}); re-export the "
+                               f"artifact") from None
 
     def __repr__(self) -> str:
         return (f"Tokenizer(source={self.source!r}, n_vocab={self.n_vocab}, "

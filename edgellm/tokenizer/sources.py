@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.assets import fetch
+from edgellm.errors import EdgeLLMError
 from edgellm.recipes import load_recipe
 from edgellm.tokenizer import builders as tb
 from edgellm.tokenizer.core import RANKS_FILE, Tokenizer
@@ -48,12 +49,19 @@ def tokenizer_from_source(src: dict[str, Any]) -> Tokenizer:
         if src.get("asset"):
             return tb.build_from_gguf(fetch(src["asset"]))
         if src.get("path"):
-            return tb.build_from_gguf(Path(src["path"]).expanduser())
+            path = Path(src["path"]).expanduser()
+            if not path.is_file():
+                raise EdgeLLMError(f"tokenizer GGUF {path} does not exist; fix the recipe's tokenizer.path")
+            return tb.build_from_gguf(path)
         raise ValueError("tokenizer source gguf needs 'asset' or 'path'; add one to the recipe")
     if kind == "hf":
         if not src.get("path"):
             raise ValueError("tokenizer source hf needs 'path' (a checkpoint folder or tokenizer.json); "
                              "pass the checkpoint folder instead of the recipe")
         path = Path(src["path"]).expanduser()
-        return tb.build_from_hf_json(path / "tokenizer.json" if path.is_dir() else path)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if not path.is_file():
+            raise EdgeLLMError(f"{path} does not exist: the checkpoint has no tokenizer.json; add it to the folder "
+                               f"or pass a --recipe whose tokenizer fits the model")
+        return tb.build_from_hf_json(path)
     raise ValueError(f"unknown tokenizer source {kind!r}; use xgen, gguf or hf")

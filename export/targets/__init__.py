@@ -12,10 +12,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from edgellm.plugins import Registry
-from export.transforms import Transform
+
+if TYPE_CHECKING:  # the CLI lists targets before torch loads
+    from export.transforms import Transform
 
 
 @dataclass(frozen=True)
