@@ -65,6 +65,10 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         return cls(**d)
 
+    def kv_cache_bytes(self, element_bytes: int = 4) -> int:
+        """The static KV cache: keys and values of every layer, every KV head, every slot."""
+        return 2 * self.n_layers * self.n_kv_heads * self.max_seq_len * self.head_dim * element_bytes
+
     def num_parameters(self) -> int:
         d, h, kv, hd, f, v = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.hidden_dim, self.vocab_size
         per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f + 2 * d

@@ -163,14 +163,10 @@ class MemoryRefused(EdgeLLMError):
     """The export's estimated peak exceeds the memory this machine has available."""
 
 
-def cache_bytes(cfg) -> int:
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.max_seq_len * cfg.head_dim * 4
-
-
 def estimated_peak_bytes(cfg, target: Target) -> int:
     largest = max(cfg.vocab_size * cfg.dim, cfg.dim * cfg.hidden_dim, cfg.n_heads * cfg.head_dim * cfg.dim)
     return int(EXPORT_BASE_BYTES + target.bytes_per_parameter * cfg.num_parameters()
-               + TRANSIENT_BYTES_PER_ELEMENT * largest + (cache_bytes(cfg) if target.holds_cache else 0))
+               + TRANSIENT_BYTES_PER_ELEMENT * largest + (cfg.kv_cache_bytes() if target.holds_cache else 0))
 
 
 def estimated_artifact_bytes(cfg, quantized: bool = True) -> int:
@@ -191,7 +187,7 @@ def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | Non
     fits = max(0, (available - at[0]) // max(at[1] - at[0], 1))
     hint = (f"--n-layers {min(fits, cfg.n_layers - 1)} would fit (a depth-truncated dry run)" if fits >= 1
             else "no depth of this width fits")
-    cache = (f" plus its fp32 KV cache of {cache_bytes(cfg) / 2**30:.1f} GiB, which --max-seq-len shrinks"
+    cache = (f" plus its fp32 KV cache of {cfg.kv_cache_bytes() / 2**30:.1f} GiB, which --max-seq-len shrinks"
              if worst.holds_cache else "")
     raise MemoryRefused(
         f"{loaded.recipe.name}: exporting {cfg.num_parameters() / 1e9:.2f}B parameters to {worst.name} needs an "

@@ -160,6 +160,7 @@ CASES = [
     ("generate-empty-prompt", R, ["generate", "{art}", "--prompt", ""], 1, "--prompt"),
     ("generate-max-seq-len-on-artifact", R, ["generate", "{art}", "--prompt", "hi", "--max-seq-len", "64"], 1, "only applies to eager"),
     ("generate-max-seq-len-one-eager", R, ["generate", "eager:tiny", "--prompt", "hi", "--max-seq-len", "1"], 1, "--max-seq-len"),
+    ("generate-cache-larger-than-memory", R, ["generate", "eager:smollm2-135m", "--prompt", "hi", "--max-seq-len", "1000000"], 1, "KV cache"),
     ("generate-no-prompt", R, ["generate", "{art}"], 2, "--prompt"),
     ("generate-max-new-tokens-not-int", R, ["generate", "{art}", "--prompt", "hi", "--max-new-tokens", "many"], 2, "--max-new-tokens"),
     # --- bench

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgellm.errors import EdgeLLMError
+from edgellm.memory import available_bytes
 from edgellm.model import LoadedModel, model_from_manifest, resolve_model
 from edgellm.quantization import (Quantization, apply_reference, quantize, resolve_activation_scheme,
                                   stream_reference)
@@ -115,6 +117,10 @@ class EagerBackend(Backend):
             recipe = what
         loaded = resolve_model(checkpoint, recipe, max_seq_len=options.max_seq_len, seed=options.seed,
                                n_layers=options.n_layers)
+        cache, free = loaded.config.kv_cache_bytes(), available_bytes()
+        if free is not None and cache > free:
+            raise EdgeLLMError(f"a KV cache of {loaded.config.max_seq_len} slots takes {cache / 2**30:.1f} GiB but "
+                               f"{free / 2**30:.1f} GiB is available; lower --max-seq-len")
         return cls.from_loaded(loaded, int4=int4, tokenizer=options.tokenizer, threads=options.threads)
 
     @classmethod
