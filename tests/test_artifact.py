@@ -126,4 +126,5 @@ def test_reexport_is_byte_identical_whatever_the_hash_seed(target, tmp_path):
         assert p.returncode == 0, err[-2000:]
     a, b = (_exported_files(next((tmp_path / seed).glob(f"tiny-{target}-*"))) for seed in ("1", "3"))
     assert sorted(a) == sorted(b)
-    assert [name for name in a if a[name] != b[name]] == []
+    differing = [name for name in a if a[name] != b[name]]
+    assert not differing, f"{target}: {', '.join(differing)} differ between the two exports"
