@@ -12,8 +12,8 @@ stride-0 placeholder per quantized weight (``placeholder_weights``), and a pass 
 the conversion pipeline swaps each placeholder for its int4 codes just before the fp16 cast
 (``Int4Weights``). What remains is the shared quantization plus the program's codes (one byte
 each) and one tensor's temporaries. The artifact equals the one the former convert-fp16-then-
-swap lowering wrote (same program and weight blob; checked under a fixed PYTHONHASHSEED, before
-the conversion was made deterministic).
+swap lowering wrote (same program and weight blob, checked under a fixed PYTHONHASHSEED; since then
+the broadcast choice below fixes which tensor each cache write reads its size from).
 
 Determinism: re-exporting the same model writes the same bytes, whatever PYTHONHASHSEED is.
 coremltools 9.0 alone does not: (1) when it broadcasts two tensors whose sizes along an axis are
