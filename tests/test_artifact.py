@@ -102,3 +102,36 @@ def test_files_written_private_are_committed_with_ordinary_permissions(tmp_path,
         os.umask(old)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in art.iterdir()}
     assert modes and set(modes.values()) == {oct(0o644)}, modes
+
+
+def _exported_files(art) -> dict[str, bytes]:
+    """Every file of an artifact, the manifest without what a re-export must change (creation
+    time, per-stage wall time and peak RSS)."""
+    files = {p.relative_to(art).as_posix(): p.read_bytes() for p in sorted(art.rglob("*")) if p.is_file()}
+    manifest = json.loads(files["manifest.json"])
+    del manifest["created"], manifest["export"]
+    files["manifest.json"] = json.dumps(manifest, indent=1).encode()
+    return files
+
+
+@pytest.mark.parametrize("target", ["executorch", "onnx", "coreml"])
+def test_reexport_is_byte_identical_whatever_the_hash_seed(target, tmp_path):
+    """Two processes with different PYTHONHASHSEED export the tiny recipe to the same bytes: set
+    and dict order, random identifiers or timestamps must not reach an artifact."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    procs = []
+    for seed in ("1", "3"):  # seeds that made coremltools 9.0 write two different programs
+        env = {**os.environ, "PYTHONHASHSEED": seed,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        procs.append(subprocess.Popen([sys.executable, "-m", "export", "--target", target, "--recipe", "tiny",
+                                       "--out", str(tmp_path / seed)], cwd=root, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    a, b = (_exported_files(next((tmp_path / seed).glob(f"tiny-{target}-*"))) for seed in ("1", "3"))
+    assert sorted(a) == sorted(b)
+    differing = [name for name in a if a[name] != b[name]]
+    assert not differing, f"{target}: {', '.join(differing)} differ between the two exports"

@@ -12,8 +12,18 @@ stride-0 placeholder per quantized weight (``placeholder_weights``), and a pass 
 the conversion pipeline swaps each placeholder for its int4 codes just before the fp16 cast
 (``Int4Weights``). What remains is the shared quantization plus the program's codes (one byte
 each) and one tensor's temporaries. The artifact equals the one the former convert-fp16-then-
-swap lowering wrote (same program and weight blob; checked under a fixed PYTHONHASHSEED, since
-torch.export/coremltools themselves vary run to run in which equal shape they read).
+swap lowering wrote (same program and weight blob, checked under a fixed PYTHONHASHSEED; since then
+the broadcast choice below fixes which tensor each cache write reads its size from).
+
+Determinism: re-exporting the same model writes the same bytes, whatever PYTHONHASHSEED is.
+coremltools 9.0 alone does not: (1) when it broadcasts two tensors whose sizes along an axis are
+different symbols (the cache write copies the new K/V into a slice of the cache), it keeps
+whichever symbol a ``set`` yields first, and so reads the runtime size from one tensor or the
+other — a different program per hash seed (``_deterministic_broadcast`` picks the oldest symbol);
+(2) the spec is serialized with protobuf maps (op inputs, attributes) in hash-table order, which
+varies per process (``_canonical_package`` re-serializes it with sorted map keys); (3) the
+package's Manifest.json names its two items by random UUIDs (replaced by UUIDs derived from each
+item's path).
 
 Choices, and why:
 - One function with a flexible query length (``RangeDim(1, capacity-1)``) rather than a
@@ -37,7 +47,9 @@ Choices, and why:
 from __future__ import annotations
 
 import gc
+import json
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,7 +125,7 @@ def convert(ep: torch.export.ExportedProgram, capacity: int, int4: "Int4Weights 
     t = time.time()
     T = ct.RangeDim(lower_bound=1, upper_bound=capacity - 1, default=1)
     pipeline = ct.PassPipeline.DEFAULT
-    with _registered(int4) as pass_id:
+    with _registered(int4) as pass_id, _deterministic_broadcast():
         if pass_id is not None:
             pipeline.insert_pass(pipeline.passes.index("common::add_fp16_cast"), pass_id)
         mlmodel = ct.convert(
@@ -150,6 +162,60 @@ def _reconvert(mlmodel, progress=print):
     out = _apply_graph_pass(mlmodel, [], spec_version=ct.target.iOS18, skip_model_load=True)
     progress(f"coreml: program re-read and re-run through the default pipeline in {time.time() - t:.1f}s")
     return out
+
+
+@contextmanager
+def _deterministic_broadcast():
+    """coremltools' broadcast-shape rule with its one hash-order choice made deterministic.
+
+    ``frontend._utils.pymil_broadcast_shapes`` resolves an axis whose sizes are several distinct
+    symbols to ``list(symbols)[0]``: sympy symbols hash by name, so the pick (and hence which
+    tensor's ``shape`` the program reads) follows PYTHONHASHSEED. The wrapper keeps every other
+    result and replaces each symbolic dim by the oldest candidate symbol (coremltools numbers
+    them ``is<N>`` in creation order); for the cache write that is the written value's, which
+    also lets the otherwise unused cache slice be dropped."""
+    from coremltools.converters.mil.frontend import _utils
+    from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+
+    original = _utils.pymil_broadcast_shapes
+
+    def broadcast_shapes(shapes):
+        result = original(shapes)
+        rank = len(result)
+        for i, dim in enumerate(result):
+            candidates = [s[i - rank + len(s)] for s in shapes if len(s) >= rank - i]
+            symbols = {str(d): d for d in candidates if is_symbolic(d)}
+            if is_symbolic(dim) and len(symbols) > 1:
+                result[i] = symbols[min(symbols, key=lambda n: (len(n), n))]
+        return result
+
+    _utils.pymil_broadcast_shapes = broadcast_shapes
+    try:
+        yield
+    finally:
+        _utils.pymil_broadcast_shapes = original
+
+
+def _canonical_package(package: Path) -> None:
+    """Make a saved .mlpackage a function of its content alone (see the module docstring).
+
+    The spec is parsed back and written with protobuf's deterministic serialization (map entries
+    sorted by key; the same message otherwise), and Manifest.json's random item identifiers are
+    replaced by UUIDs derived from each item's path, in the format libmodelpackage writes."""
+    from coremltools.proto import Model_pb2
+
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entries = manifest["itemInfoEntries"]
+    root = package / "Data" / entries[manifest["rootModelIdentifier"]]["path"]
+    ids = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "edgellm:mlpackage/" + item["path"]))
+           for old, item in entries.items()}
+    manifest["itemInfoEntries"] = {ids[old]: item for old, item in entries.items()}
+    manifest["rootModelIdentifier"] = ids[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+    spec = Model_pb2.Model()
+    spec.ParseFromString(root.read_bytes())
+    root.write_bytes(spec.SerializeToString(deterministic=True))
 
 
 def _weight_key(const_name: str) -> str:
@@ -325,6 +391,7 @@ def lower(job) -> Path:
     with job.writer() as w:
         with job.stage("write"):
             mlmodel.save(str(w.path(PACKAGE)))
+            _canonical_package(w.path(PACKAGE))
             job.write_tokenizer(w)
         manifest = job.manifest(PACKAGE, applied, coreml={
             "minimum_deployment_target": "iOS18", "compute_precision": "fp16 (RMSNorm statistics, mask fp32)",
