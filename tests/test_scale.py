@@ -229,9 +229,11 @@ def test_full_width_xgen_exports_within_a_bound_from_its_size(xgen_two_layers, t
     assert m["config"]["dim"] == 4096 and m["config"]["n_layers"] == 2 and m["vocab_size"] == 51200
     params = cfg.num_parameters()
     bound_mb = (EXPORT_LIBRARIES_GIB * 2**30 + PEAK_BYTES_PER_PARAMETER[target] * params) / 2**20
+    # The wrapper's VmHWM at exit covers only what followed the last stage's reset of it
+    # (edgellm.memory); the manifest holds each stage's own peak. The larger is the run's.
+    peak_mb = max(peak_mb, m["export"]["peak_rss_mb"])
     print(f"{target}: peak {peak_mb:.0f} MB (bound {bound_mb:.0f} MB) for {params / 1e9:.2f}B parameters, {wall:.0f}s")
     assert peak_mb <= bound_mb, f"{target}: peak RSS {peak_mb:.0f} MB exceeds {bound_mb:.0f} MB"
-    assert m["export"]["peak_rss_mb"] <= peak_mb + 1
 
 
 def test_streamed_int4_reference_equals_the_materialized_one(tiny, tiny_quant, monkeypatch):
