@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -229,16 +230,30 @@ def buffer_source(cfg: ModelConfig, prepare=None):
     return value
 
 
+def untouched_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros whose pages are not resident until written: calloc'd memory (numpy) is the kernel's
+    zero page, where ``torch.zeros`` writes every byte. A 7B's fp32 KV cache is 8 GiB at 8K slots,
+    and an exporter that only traces it (ExecuTorch does not serialize a mutable buffer's
+    initial state) should not pay for it."""
+    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(n, dtype=np.uint8)).view(dtype).reshape(shape)
+
+
 def fill(model: nn.Module, parameter, buffer) -> nn.Module:
     """Give a decoder built on the meta device its tensors one at a time, in place:
     ``parameter(name, module, meta_param)`` returns each parameter (a tied one is visited under
     both names), ``buffer(name)`` each buffer's value, copied (a one-layer source serves every
-    layer's mutable cache). Order and names stay those of the module built with weights."""
+    layer's mutable cache); an all-zero buffer (the caches) becomes ``untouched_zeros``, equal
+    in value. Order and names stay those of the module built with weights."""
+    zero: dict[int, tuple] = {}  # per source tensor (kept alive, so ids stay its): sources repeat
     for prefix, mod in model.named_modules():
         for attr, p in list(mod._parameters.items()):
             if p is not None:
                 mod._parameters[attr] = parameter(f"{prefix}.{attr}" if prefix else attr, mod, p)
         for attr, b in list(mod._buffers.items()):
             if b is not None:
-                mod._buffers[attr] = buffer(f"{prefix}.{attr}" if prefix else attr).clone()
+                src = buffer(f"{prefix}.{attr}" if prefix else attr)
+                if id(src) not in zero:
+                    zero[id(src)] = (src, src.numel() > 0 and not bool(src.any()))
+                mod._buffers[attr] = untouched_zeros(src.shape, src.dtype) if zero[id(src)][1] else src.clone()
     return model

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -83,6 +83,8 @@ class QuantizedWeight:
 
     @property
     def codes(self) -> torch.Tensor:
+        if self.packed is None:
+            raise RuntimeError("this quantized weight was released by its last consumer (QuantizedWeight.release)")
         out = torch.empty(self._shape, dtype=torch.int16)
         out[:, 0::2], out[:, 1::2] = self.packed & 0xF, self.packed >> 4
         return (out - (8 if self.zero_points is None else 0)).to(torch.int8)
@@ -109,6 +111,11 @@ class QuantizedWeight:
         return dequantize_affine(self.codes, self.block_size, self.scales, self.zero_points, torch.int8,
                                  qmin, qmax, output_dtype=torch.float32)
 
+    def release(self) -> None:
+        """Drop codes and scales: an export's last target frees each weight once it holds its own
+        form of it (a 7B's packed codes are 3.4 GB; see ``ExportJob.last_use``)."""
+        self.packed = self.scales = self.zero_points = None
+
     def nbytes(self) -> int:
         """Packed size: 4 bits per code, 2 bytes (fp16) per scale, 4 bits per zero point."""
         n = self.packed.numel() + self.scales.numel() * 2
@@ -121,6 +128,7 @@ class QuantizedWeight:
 class Quantization:
     config: QuantConfig
     weights: dict[str, QuantizedWeight]
+    _summary: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def unique(self) -> list[tuple[str, QuantizedWeight]]:
         """(name, weight) pairs, each tensor once (a tied embedding/head counted once), sorted by name."""
@@ -133,7 +141,13 @@ class Quantization:
         return out
 
     def summary(self) -> dict:
-        """JSON-able description for the artifact manifest (the sha256 identifies the quantization)."""
+        """JSON-able description for the artifact manifest (the sha256 identifies the quantization).
+        Computed once: a target that releases the weights as it consumes them asks first."""
+        if self._summary is None:
+            self._summary = self._describe()
+        return dict(self._summary)
+
+    def _describe(self) -> dict:
         h = hashlib.sha256()
         n_bytes = 0
         for name, qw in self.unique():

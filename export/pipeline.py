@@ -38,6 +38,9 @@ class ExportJob:
     progress: Callable[[str], None] = print
     # wall time and peak RSS per stage (shared stages such as load+quantize first), for the manifest
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the run's last use of a quantization it made itself: the target may free each quantized
+    # weight once it holds its own form of it (QuantizedWeight.release)
+    last_use: bool = False
 
     @contextmanager
     def stage(self, name: str):
@@ -232,15 +235,18 @@ def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant:
     checks.output_dir(out, need_bytes=sum(estimated_artifact_bytes(loaded.config, quant != "none") for _ in chosen))
     if memory_check:
         check_memory(loaded, chosen)
+    owned = False
     if quant == "none":
         quantization = None
     elif quantization is None:
         with measured_stage("load+quantize", progress) as shared["load+quantize"]:
             quantization = quantize_for(loaded, quant, progress)
+        owned = True
     results = {}
-    for target in chosen:
+    for i, target in enumerate(chosen):
         t = time.time()
-        job = ExportJob(loaded, quantization, Path(out), target, flavour, progress, stages=dict(shared))
+        job = ExportJob(loaded, quantization, Path(out), target, flavour, progress, stages=dict(shared),
+                        last_use=owned and i == len(chosen) - 1)
         results[target.name] = target.lower(job)
         progress(f"{target.name}: wrote {results[target.name]} in {time.time() - t:.1f}s")
     return results

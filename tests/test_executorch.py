@@ -277,3 +277,30 @@ def test_lean_lowering_writes_the_same_program(tiny, tiny_quant, flavour, monkey
     lean = pte()
     monkeypatch.setattr(lowering, "lean_lowering", contextlib.nullcontext)
     assert pte() == lean
+
+
+@pytest.mark.parametrize("flavour", ["portable", "fast"])
+def test_placeholder_codes_write_the_same_program(tiny, flavour, monkeypatch):
+    """The memory-lean lowering -- linear codes traced as placeholders and unpacked at XNNPACK's
+    read of each (the shared weight released after it), preprocess copies sharing constants --
+    writes the .pte that real codes and deep copies write, and every placeholder is read."""
+    import contextlib
+
+    from export import targets
+    from export.pipeline import ExportJob, quantize_for
+    from export.targets.executorch import lowering
+    from export.targets.executorch.lazy_codes import LazyCodes
+
+    quant = quantize_for(tiny, "int4", progress=lambda s: None)  # its own: this test releases it
+    job = ExportJob(tiny, quant, "/nonexistent", targets.get("executorch"), flavour, progress=lambda s: None)
+    args = (lowering.constant_methods(job), job.flavour.options["partitioners"])
+    with monkeypatch.context() as m:
+        m.setattr(lowering, "constants_shared_with_preprocess", contextlib.nullcontext)
+        plain = lowering.lower_program(lowering.exported_program(job)[0], *args)[0].buffer
+    summary = quant.summary()
+    lazy = LazyCodes(release=True)
+    lean = lowering.lower_program(lowering.exported_program(job, lazy)[0], *args, lazy)[0].buffer
+    assert lean == plain
+    linears = [n for n in quant.weights if n != "embed_tokens.weight"]
+    assert lazy.packed == len(linears) and all(quant.weights[n].packed is None for n in linears)
+    assert quant.summary() == summary  # the manifest's, from before the release

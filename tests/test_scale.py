@@ -58,20 +58,23 @@ def test_memory_refusal_names_the_numbers_and_a_depth_that_fits():
     from export import targets
 
     loaded = resolve_model(recipe="xgen-7b-8k-base")
-    et, onnx = targets.get("executorch"), targets.get("onnx")
+    et, onnx, coreml = targets.get("executorch"), targets.get("onnx"), targets.get("coreml")
     need = estimated_peak_bytes(loaded.config, et)
-    check_memory(loaded, [et, onnx], available=need)  # fits exactly: no error
-    with pytest.raises(MemoryRefused, match=r"6\.90B parameters to executorch needs an estimated 32\.6 GiB "
-                                            r"\(3\.5 bytes/parameter plus its fp32 KV cache of 8\.0 GiB, which "
-                                            r"--max-seq-len shrinks\) but 24\.0 GiB is available; --n-layers 22 would fit"):
-        check_memory(loaded, [onnx, et], available=24 << 30)
+    assert need <= 12 << 30  # issue 12: the 7B .pte export fits in 12 GiB (measured: README scale section)
+    check_memory(loaded, [et], available=need)  # fits exactly: no error
+    with pytest.raises(MemoryRefused, match=r"6\.90B parameters to executorch needs an estimated 9\.2 GiB "
+                                            r"\(1\.1 bytes/parameter\) but 6\.0 GiB is available; --n-layers 16 would fit"):
+        check_memory(loaded, [et], available=6 << 30)  # its KV cache is never resident: not counted
+    with pytest.raises(MemoryRefused, match=r"to coreml needs an estimated 23\.0 GiB \(2 bytes/parameter plus its "
+                                            r"fp32 KV cache of 8\.0 GiB, which --max-seq-len shrinks\) but 16\.0 GiB"):
+        check_memory(loaded, [onnx, et, coreml], available=16 << 30)
     check_memory(loaded, [onnx], available=12 << 30)  # traced without weights, no cache: 9.9 GiB fits in 12
     with pytest.raises(MemoryRefused, match="to onnx needs an estimated 9.9 GiB"):
         check_memory(loaded, [onnx], available=8 << 30)
 
 
 def test_export_cli_refuses_before_any_work(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "export", "--target", "executorch", "--recipe", "xverse-13b-256k",
+    r = subprocess.run([sys.executable, "-m", "export", "--target", "coreml", "--recipe", "xverse-13b-256k",
                         "--out", str(tmp_path)], capture_output=True, text=True)
     if r.returncode == 0:  # pragma: no cover - a machine with > 150 GiB free
         pytest.skip("this machine has the memory for a 13B export")
@@ -206,8 +209,10 @@ def xgen_two_layers(tmp_path_factory):
 
 # Peak RSS allowed per parameter above the libraries, per target, from the streamed path's
 # measured peaks at this size (see the README's scale section); whole-model fp32 alone is 4.
+# ExecuTorch: 2.51 GiB measured (2.0 here allows 3.04); it was 4.1 GiB while the program held
+# the int8 codes and XNNPACK's preprocess a deep copy of them.
 EXPORT_LIBRARIES_GIB = 1.5
-PEAK_BYTES_PER_PARAMETER = {"onnx": 3.0, "executorch": 4.5, "coreml": 4.5}
+PEAK_BYTES_PER_PARAMETER = {"onnx": 3.0, "executorch": 2.0, "coreml": 4.5}
 
 
 @pytest.mark.slow
@@ -224,9 +229,11 @@ def test_full_width_xgen_exports_within_a_bound_from_its_size(xgen_two_layers, t
     assert m["config"]["dim"] == 4096 and m["config"]["n_layers"] == 2 and m["vocab_size"] == 51200
     params = cfg.num_parameters()
     bound_mb = (EXPORT_LIBRARIES_GIB * 2**30 + PEAK_BYTES_PER_PARAMETER[target] * params) / 2**20
+    # The wrapper's VmHWM at exit covers only what followed the last stage's reset of it
+    # (edgellm.memory); the manifest holds each stage's own peak. The larger is the run's.
+    peak_mb = max(peak_mb, m["export"]["peak_rss_mb"])
     print(f"{target}: peak {peak_mb:.0f} MB (bound {bound_mb:.0f} MB) for {params / 1e9:.2f}B parameters, {wall:.0f}s")
     assert peak_mb <= bound_mb, f"{target}: peak RSS {peak_mb:.0f} MB exceeds {bound_mb:.0f} MB"
-    assert m["export"]["peak_rss_mb"] <= peak_mb + 1
 
 
 def test_streamed_int4_reference_equals_the_materialized_one(tiny, tiny_quant, monkeypatch):

@@ -65,7 +65,8 @@ def _has_work_in_retrace(p, gm: torch.fx.GraphModule) -> bool:
     return True  # unknown: run it
 
 
-def _supported() -> bool:
+def supported() -> bool:
+    """The executorch version these patches were written against is installed."""
     try:
         return importlib.metadata.version("executorch") == SUPPORTED_EXECUTORCH
     except importlib.metadata.PackageNotFoundError:
@@ -75,7 +76,7 @@ def _supported() -> bool:
 @contextlib.contextmanager
 def lean_lowering():
     """While active, XNNPACK preprocess skips retraces that would rebuild an unchanged graph."""
-    if not _supported():
+    if not supported():
         yield False
         return
 

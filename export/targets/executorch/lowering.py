@@ -18,6 +18,7 @@ is 4-bit weight-only, both built from the codes and scales of the shared quantiz
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from torch import nn
 from edgellm.decoder import Decoder, fill
 from edgellm.tokenizer import Tokenizer, runner_json
 from export.targets import Flavour
-from export.targets.executorch.lean_lowering import lean_lowering
+from export.targets.executorch.lazy_codes import LazyCodes, constants_shared_with_preprocess
+from export.targets.executorch.lean_lowering import lean_lowering, supported
 from export.transforms import Transform
 
 PTE_FILE = "model.pte"
@@ -54,17 +56,19 @@ PARTITIONERS = {"xnnpack": _xnnpack}  # a flavour names its partitioners; a new 
 
 # ---- the shared int4 quantization as torchao tensor subclasses ----
 
-def intx_tensor(qw, activations: bool):
-    """``QuantizedWeight`` -> ``IntxUnpackedToInt8Tensor`` carrying exactly its codes and scales."""
+def intx_tensor(qw, activations: bool, codes: torch.Tensor | None = None):
+    """``QuantizedWeight`` -> ``IntxUnpackedToInt8Tensor`` carrying exactly its codes and scales.
+    ``codes``: a placeholder for them (``lazy_codes``), whose range is checked when resolved."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
 
-    codes = qw.codes.to(torch.int8)
     if qw.zero_points is not None:
         raise ValueError("XNNPACK's 4-bit kernels are symmetric but this quantization has zero points; "
                          "set quantization.symmetric: true in the recipe")
-    if int(codes.min()) < -8 or int(codes.max()) > 7:
-        raise ValueError(f"int4 codes outside [-8, 7] (got [{int(codes.min())}, {int(codes.max())}])")
+    if codes is None:
+        codes = qw.codes.to(torch.int8)
+        if int(codes.min()) < -8 or int(codes.max()) > 7:
+            raise ValueError(f"int4 codes outside [-8, 7] (got [{int(codes.min())}, {int(codes.max())}])")
     scales = qw.scales.to(torch.float32)
     if not torch.equal(scales.to(torch.bfloat16).to(torch.float32), scales):
         raise ValueError("int4 scales are not exact in bf16, which XNNPACK stores them as: the lowering would "
@@ -74,23 +78,25 @@ def intx_tensor(qw, activations: bool):
                                     (1, qw.group_size), torch.float32, act)
 
 
-def int4_weight(module: nn.Module, name: str, qw) -> torch.Tensor:
-    """The int4 tensor XNNPACK takes for ``module``'s weight: 8da4w for a Linear, weight-only
-    for an Embedding (the gather dequantizes)."""
+def int4_weight(module: nn.Module, name: str, qw, lazy: LazyCodes | None = None) -> torch.Tensor:
+    """The int4 tensor XNNPACK takes for ``module``'s weight: 8da4w for a Linear (its codes a
+    placeholder when ``lazy``: XNNPACK packs every linear), weight-only for an Embedding (the
+    gather dequantizes; to_executorch packs it from the real codes)."""
     if isinstance(module, nn.Linear):
         if module.in_features % qw.group_size:
             raise ValueError(f"{name}: in_features {module.in_features} is not a multiple of the group size "
                              f"{qw.group_size}; XNNPACK's 4-bit linear needs whole groups")
-        return intx_tensor(qw, activations=True)
+        return intx_tensor(qw, activations=True, codes=lazy.placeholder(name, qw) if lazy is not None else None)
     if isinstance(module, nn.Embedding):
         return intx_tensor(qw, activations=False)
     raise TypeError(f"quantized weight {name!r} belongs to a {type(module).__name__}, not a Linear/Embedding")
 
 
-def weighted_decoder(job) -> tuple[Decoder, list[str]]:
+def weighted_decoder(job, lazy: LazyCodes | None = None) -> tuple[Decoder, list[str]]:
     """The flavour's decoder, built on the meta device and then given its tensors one at a time:
-    the shared int4 codes as torchao tensors for the quantized weights, the checkpoint's fp32 for
-    the rest (norms), the buffers from ``job.tensor_source()`` -- the fp32 model never exists.
+    the shared int4 codes as torchao tensors for the quantized weights (placeholders for the
+    linears' codes with ``lazy``), the checkpoint's fp32 for the rest (norms), the buffers from
+    ``job.tensor_source()`` -- the fp32 model never exists.
     Returns the decoder and the names of the weights it carries as int4."""
     model = job.decoder(meta=True)
     source = job.tensor_source()
@@ -103,7 +109,7 @@ def weighted_decoder(job) -> tuple[Decoder, list[str]]:
     def parameter(name, mod, _meta):
         if name in quant:
             done.append(name)
-            return nn.Parameter(int4_weight(mod, name, quant[name]), requires_grad=False)
+            return nn.Parameter(int4_weight(mod, name, quant[name], lazy), requires_grad=False)
         return nn.Parameter(source(name))  # a default Parameter, as a module built with weights has (the .pte records the flag)
 
     fill(model, parameter, source)
@@ -136,17 +142,22 @@ def export_program(model: Decoder, max_seq_len: int):
         return torch.export.export(model, example, dynamic_shapes=({1: T}, {0: T}), strict=False)
 
 
-def lower_program(ep, constants: dict, partitioners=("xnnpack",)):
-    """Partitioning (XNNPACK by default) -> ExecuTorch program (cache write made in-place)."""
+def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCodes | None = None):
+    """Partitioning (XNNPACK by default) -> ExecuTorch program (cache write made in-place).
+    ``lazy``: the program's placeholder codes, resolved as XNNPACK packs them."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.dialects._ops import ops
     from executorch.exir.passes import MemoryPlanningPass
 
-    with lean_lowering():  # the same program, without retraces that cannot change it (lean_lowering.py)
+    with lean_lowering() as lean, (constants_shared_with_preprocess() if lean else contextlib.nullcontext()), \
+            (lazy.reading() if lazy is not None else contextlib.nullcontext()):
+        # the same program, without retraces that cannot change it (lean_lowering.py)
         edge = to_edge_transform_and_lower(ep, partitioner=[PARTITIONERS[p]() for p in partitioners],
                                            constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
     del ep  # the delegates hold what they took; the int8 codes they consumed can go (when the caller let go too)
+    if lazy is not None:
+        lazy.check()
     et = edge.to_executorch(ExecutorchBackendConfig(
         passes=[], do_quant_fusion_and_const_prop=True,  # torchao dequantize_affine+embedding -> embedding_4bit
         run_reinplace_pass=True, reinplace_extra_ops=frozenset({ops.edge.aten.index_copy.default}),
@@ -168,10 +179,10 @@ def delegation_census(ep) -> dict:
     return {"delegates": delegates, "outside": dict(sorted(outside.items()))}
 
 
-def exported_program(job):
+def exported_program(job, lazy: LazyCodes | None = None):
     """The program handed to lowering: (ExportedProgram, transforms applied, quantized names).
     The decoder itself is not returned: the program holds its tensors, nothing else does."""
-    model, quantized = weighted_decoder(job)
+    model, quantized = weighted_decoder(job, lazy)
     if quantized:
         job.progress(f"executorch: {len(quantized)} weights as int4 (8da4w linears, 4-bit embedding)")
     return export_program(model, job.loaded.config.max_seq_len), list(model.transforms), quantized
@@ -179,16 +190,24 @@ def exported_program(job):
 
 def lower(job) -> Path:
     cfg, flavour = job.loaded.config, job.flavour
+    # The linears' codes exist only while XNNPACK packs them (lazy_codes.py; the patched read
+    # is executorch 1.5.1's), and the run's last consumer of the quantization frees each shared
+    # weight once packed -- after its manifest summary, which reads them all.
+    lazy = LazyCodes(release=job.last_use) if job.quant is not None and supported() else None
+    if lazy is not None and lazy.release:
+        job.quant.summary()
     with job.stage("trace"):
-        traced = list(exported_program(job))
+        traced = list(exported_program(job, lazy))
         applied, quantized = traced[1:]
     with job.stage("lower"):  # the program's only reference moves into lower_program, which drops it
-        et, census = lower_program(traced.pop(0), constant_methods(job), flavour.options["partitioners"])
+        et, census = lower_program(traced.pop(0), constant_methods(job), flavour.options["partitioners"], lazy)
     outside = ", ".join(f"{k} x{v}" for k, v in census["outside"].items()) or "none"
     job.progress(f"executorch: {census['delegates']} delegate calls; ops outside delegates: {outside}")
     with job.writer() as w:
         with job.stage("write"):
-            w.path(PTE_FILE).write_bytes(et.buffer)
+            with open(w.path(PTE_FILE), "wb") as f:  # streamed from its pieces: et.buffer is a second copy
+                et.write_to_file(f)
+            del et
             job.write_tokenizer(w)
             runner_json.write(Tokenizer.load(w.dir), w.dir)  # as read back, for ExecuTorch's TextLLMRunner
         manifest = job.manifest(PTE_FILE, applied, executorch={
