@@ -29,6 +29,7 @@ class LazyCodes:
         self.release = release  # free each shared weight once packed (this run's last consumer)
         self._pending: dict[int, tuple[str, object, torch.Tensor]] = {}
         self.packed = 0
+        self.on_packed = None  # progress: on_packed(packed, total), a long 7B lowering shows where it is
 
     def placeholder(self, name: str, qw) -> torch.Tensor:
         t = untouched_zeros(qw.shape, torch.int8)
@@ -49,6 +50,8 @@ class LazyCodes:
         if self.release:
             qw.release()
         self.packed += 1
+        if self.on_packed is not None:
+            self.on_packed(self.packed, self.packed + len(self._pending))
         return codes
 
     def check(self) -> None:

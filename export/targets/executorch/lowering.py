@@ -142,13 +142,18 @@ def export_program(model: Decoder, max_seq_len: int):
         return torch.export.export(model, example, dynamic_shapes=({1: T}, {0: T}), strict=False)
 
 
-def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCodes | None = None):
+def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCodes | None = None,
+                  status=lambda message: None):
     """Partitioning (XNNPACK by default) -> ExecuTorch program (cache write made in-place).
-    ``lazy``: the program's placeholder codes, resolved as XNNPACK packs them."""
+    ``lazy``: the program's placeholder codes, resolved as XNNPACK packs them; ``status`` names
+    the sub-stage that runs (a live display)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.dialects._ops import ops
     from executorch.exir.passes import MemoryPlanningPass
 
+    status("executorch: lower: edge dialect and XNNPACK partitioning")
+    if lazy is not None:
+        lazy.on_packed = lambda n, total: status(f"executorch: lower: XNNPACK packed {n}/{total} int4 weights")
     with lean_lowering() as lean, (constants_shared_with_preprocess() if lean else contextlib.nullcontext()), \
             (lazy.reading() if lazy is not None else contextlib.nullcontext()):
         # the same program, without retraces that cannot change it (lean_lowering.py)
@@ -158,6 +163,7 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCode
     del ep  # the delegates hold what they took; the int8 codes they consumed can go (when the caller let go too)
     if lazy is not None:
         lazy.check()
+    status("executorch: lower: memory planning and serialization prep")
     et = edge.to_executorch(ExecutorchBackendConfig(
         passes=[], do_quant_fusion_and_const_prop=True,  # torchao dequantize_affine+embedding -> embedding_4bit
         run_reinplace_pass=True, reinplace_extra_ops=frozenset({ops.edge.aten.index_copy.default}),
@@ -200,7 +206,8 @@ def lower(job) -> Path:
         traced = list(exported_program(job, lazy))
         applied, quantized = traced[1:]
     with job.stage("lower"):  # the program's only reference moves into lower_program, which drops it
-        et, census = lower_program(traced.pop(0), constant_methods(job), flavour.options["partitioners"], lazy)
+        et, census = lower_program(traced.pop(0), constant_methods(job), flavour.options["partitioners"], lazy,
+                                   status=getattr(job.progress, "status", lambda message: None))
     outside = ", ".join(f"{k} x{v}" for k, v in census["outside"].items()) or "none"
     job.progress(f"executorch: {census['delegates']} delegate calls; ops outside delegates: {outside}")
     with job.writer() as w:
