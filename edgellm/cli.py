@@ -115,7 +115,7 @@ class Terminal:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
+                      console=console, transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
             task = bar.add_task("starting")
             t0 = time.time()
 
