@@ -407,3 +407,33 @@ def test_sigkill_mid_write_leaves_a_temp_folder_the_next_export_removes(tmp_path
     assert stale and all(n.startswith(".tiny-onnx-int4.") for n in stale), stale
     art = run_export(["onnx"], loaded=tiny, quantization=tiny_quant, out=out, progress=lambda m: None)["onnx"]
     assert sorted(p.name for p in out.iterdir()) == [art.name]
+
+
+def test_a_terminal_sees_no_library_warnings_during_an_export(tmp_path):
+    """On a real terminal (a pty), with the live progress line active, the libraries' warnings
+    still go to the log: none reaches the screen; the log has them."""
+    import pty
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGELLM_HOME": str(tmp_path / "home"), "COLUMNS": "120"}
+    env.pop("EDGELLM_VERBOSE", None)
+    leader, follower = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "export", "--target", "onnx", "--recipe", "tiny", "--out",
+                          str(tmp_path / "out")], stdin=follower, stdout=follower, stderr=follower, env=env,
+                         cwd=tmp_path)
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    assert p.wait(timeout=300) == 0, screen.decode(errors="replace")[-2000:]
+    text = screen.decode(errors="replace")
+    assert "tiny-onnx-int4" in text and "onnx: trace" in text
+    for noise in ("Warning", "WARNING", "W1201", "Failed to load", "Traceback"):
+        assert noise not in text, noise
+    assert "Failed to load" in (tmp_path / "out" / "export.log").read_text()  # torchao, at import
