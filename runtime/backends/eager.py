@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from edgellm.decoder import SDPA
 from edgellm.model import LoadedModel, model_from_manifest, resolve_model
 from edgellm.quantization import (Quantization, apply_reference, quantize, resolve_activation_scheme,
                                   stream_reference)
@@ -24,6 +26,41 @@ from runtime.backend import Backend, BackendOptions, Capabilities, register
 # An int4 reference whose fp32 copy would exceed this is kept at 4 bits and dequantized weight by
 # weight as it is read (the same values, hence the same logits; slower per forward).
 STREAM_FP32_ABOVE = 4 << 30
+
+# PyTorch's CPU flash attention walks the keys in blocks of this many cache slots (or all of them
+# when fewer); attention here is cut after the last block holding a visible slot.
+KV_BLOCK = 512
+
+
+class FilledBlocksSDPA(SDPA):
+    """The decoder's attention over the whole masked cache, bit for bit, at the cost of the filled
+    part: key blocks past the last visible slot are fully masked and add exact zeros in the kernel,
+    so they are dropped, and K/V heads are shared in the kernel (``enable_gqa``) instead of
+    copied by ``repeat_interleave``. At 2048 slots that was most of a decode step's time.
+    (Cutting at the exact filled length would change the kernel's last block, hence its rounding;
+    ``tests/test_runtime.py`` holds the equality.)"""
+
+    def forward(self, q, k_all, v_all, mask, n, input_pos):
+        T = q.shape[1]
+        if n is not None:
+            k_all, v_all = k_all[:, :, :n], v_all[:, :, :n]
+        else:
+            slots = k_all.shape[2]
+            cut = min(slots, -(-(int(input_pos.max()) + 1) // KV_BLOCK) * KV_BLOCK)
+            if cut < slots:
+                k_all, v_all, mask = k_all[:, :, :cut], v_all[:, :, :cut], mask[..., :cut]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, attn_mask=mask,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return y.transpose(1, 2).reshape(1, T, -1)
+
+
+def fast_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """In place: every canonical ``SDPA`` of ``model`` becomes a ``FilledBlocksSDPA``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is SDPA:
+                setattr(parent, name, FilledBlocksSDPA(child.n_heads, child.n_kv_heads, child.head_dim))
+    return model
 
 
 def quantize_model(loaded: LoadedModel) -> Quantization:
@@ -37,7 +74,7 @@ class EagerBackend(Backend):
     accepts = frozenset({"tokenizer", "threads", "max_seq_len", "seed", "n_layers"})
 
     def __init__(self, model, tokenizer, name: str = "eager", threads: int | None = None):
-        self.model = model.eval()
+        self.model = fast_attention(model).eval()
         self.tokenizer = tokenizer
         self.name = name
         self.max_seq_len = model.config.max_seq_len
