@@ -169,3 +169,21 @@ def test_eager_attention_over_filled_blocks_is_bit_identical_to_the_whole_cache(
                 setattr(parent, name, ExactLength(child.n_heads, child.n_kv_heads, child.head_dim))
     assert not np.array_equal(canonical(plain), want)
 
+
+def test_parity_reads_greedy_and_reference_logits_off_single_passes(tiny_eager):
+    """run_parity reuses the reference's greedy logits as its teacher-forced ones and reads a
+    candidate's greedy prefix off its teacher-forced logits; both equal the separate passes."""
+    from runtime.parity import all_logits, greedy_agreement, greedy_prefix, greedy_run
+
+    other = load("eager:tiny", max_seq_len=64, seed=1)
+    for text in ("The capital of France is", "Once upon a time, in a small village by the sea,"):
+        prompt = tiny_eager.tokenizer.encode(text)
+        cont, rows = greedy_run(tiny_eager, prompt, 10)
+        assert np.array_equal(rows, all_logits(tiny_eager, prompt + cont, len(prompt)))
+        for cand in (other, load("eager:tiny", max_seq_len=64)):
+            common, _, _ = greedy_prefix(cand, tiny_eager, prompt, 10)
+            assert greedy_agreement(all_logits(cand, prompt + cont, len(prompt)), cont) == common
+    row = run_parity({"other": other}, tiny_eager, steps=10).rows[0]
+    assert row.greedy_common < row.greedy_n  # a different model, and the agreement said so
+    with pytest.raises(ValueError, match="steps"):
+        run_parity({"other": other}, tiny_eager, steps=0)
