@@ -113,6 +113,20 @@ def _blockwise(a):
     return scale * data
 
 
+def _tile(x, reps):
+    """``np.tile`` as one broadcast copy: the same array (a copy decides no rounding), without
+    np.tile's repeat per axis, which was a sixth of a decode step (K/V heads tiled for GQA over
+    the whole 2048-slot cache)."""
+    x = np.asarray(x)
+    reps = [int(r) for r in np.atleast_1d(reps)]
+    if len(reps) < x.ndim:
+        reps = [1] * (x.ndim - len(reps)) + reps
+    x = x.reshape((1,) * (len(reps) - x.ndim) + x.shape)
+    pairs = [d for r, n in zip(reps, x.shape) for d in (r, n)]
+    src = x.reshape([d for n in x.shape for d in (1, n)])
+    return np.broadcast_to(src, pairs).reshape([r * n for r, n in zip(reps, x.shape)])
+
+
 def _concat(a):
     vals = [np.asarray(v) for v in a["values"]]
     if any(v.ndim == 0 for v in vals):
@@ -184,7 +198,7 @@ KERNELS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "transpose": lambda a: np.transpose(a["x"], [int(p) for p in a["perm"]]),
     "expand_dims": lambda a: _expand_dims(np.asarray(a["x"]), a["axes"]),
     "squeeze": lambda a: np.squeeze(a["x"], axis=tuple(int(i) for i in a["axes"]) if a.get("axes") is not None else None),
-    "tile": lambda a: np.tile(a["x"], [int(r) for r in a["reps"]]),
+    "tile": lambda a: _tile(a["x"], a["reps"]),
     "concat": _concat,
     "gather": lambda a: np.take(a["x"], np.asarray(a["indices"]).astype(np.int64), axis=int(a.get("axis", 0))),
     "slice_update": _slice_update,
@@ -260,7 +274,7 @@ class MILInterpreter:
                 continue
             if kind == "coreml_update_state":
                 val = np.asarray(self._get(ins["value"], env))
-                self.states[ins["state"]] = val.astype(np.float16)
+                self.states[ins["state"]] = val.astype(np.float16, copy=False)  # slice_update made it a copy
                 env[out] = val
                 continue
             args = {k: self._get(v, env) for k, v in ins.items()}
