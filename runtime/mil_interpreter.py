@@ -246,6 +246,15 @@ class MILInterpreter:
         used.update(o.name for o in self.fn.outputs)
         self.consts = {k: v for k, v in self.consts.items() if k in used}  # drop int4 codes once materialized
         self.outputs = [v.name for v in self.fn.outputs]
+        # Each step's constant inputs are looked up once here, not on every call (the per-op
+        # lookups were a tenth of a decode step): (kind, ins, out, dtype, constants, live, lists).
+        self._steps = []
+        for kind, _, ins, out, dt in plan:
+            fixed = {k: self.consts[v] for k, v in ins.items() if isinstance(v, str) and v in self.consts}
+            fixed.update({k: None for k, v in ins.items() if v is None})
+            live = [(k, v) for k, v in ins.items() if isinstance(v, str) and v not in self.consts]
+            lists = [(k, v) for k, v in ins.items() if isinstance(v, list)]
+            self._steps.append((kind, ins, out, dt, fixed, live, lists))
         self.reset()
 
     def reset(self) -> None:
@@ -268,16 +277,20 @@ class MILInterpreter:
             if name not in inputs:
                 raise ValueError(f"MIL interpreter: missing input {name!r}")
             env[name] = np.asarray(inputs[name]).astype(np_dtype(var))
-        for kind, name, ins, out, dt in self.plan:
+        for kind, ins, out, dt, fixed, live, lists in self._steps:
             if kind == "read_state":
                 env[out] = self.states[ins["input"]]
                 continue
             if kind == "coreml_update_state":
                 val = np.asarray(self._get(ins["value"], env))
-                self.states[ins["state"]] = val.astype(np.float16, copy=False)  # slice_update made it a copy
+                self.states[ins["state"]] = val.astype(np.float16, copy=False)  # no kernel writes its inputs
                 env[out] = val
                 continue
-            args = {k: self._get(v, env) for k, v in ins.items()}
+            args = dict(fixed)
+            for k, v in live:
+                args[k] = env[v]
+            for k, v in lists:
+                args[k] = self._get(v, env)
             env[out] = np.asarray(KERNELS[kind](args)).astype(dt, copy=False)
         return {n: env[n] if n in env else self.consts[n] for n in self.outputs}
 
