@@ -84,6 +84,7 @@ class EagerBackend(Backend):
         self.pos = 0
         self.activation_scheme: str | None = None
         self.quantization: Quantization | None = None
+        self.loaded: LoadedModel | None = None
 
     @torch.no_grad()
     def _forward(self, ids: list[int], start: int) -> np.ndarray:
@@ -140,6 +141,7 @@ class EagerBackend(Backend):
             tokenizer = loaded.tokenizer()
         backend = cls(model, tokenizer, name=f"eager:{loaded.recipe.name}:{label}", threads=threads)
         backend.quantization = quant  # reusable for a second reference (e.g. other activation arithmetic)
+        backend.loaded = loaded  # likewise: its weights are only read
         backend.activation_scheme = resolve_activation_scheme(activations) if int4 else None
         return backend
 
@@ -155,9 +157,11 @@ class EagerBackend(Backend):
         return cls.from_loaded(loaded, int4=int4, tokenizer=options.tokenizer, threads=options.threads)
 
     @classmethod
-    def reference_for(cls, manifest: dict[str, Any], int4: bool | None = None, **kw) -> "EagerBackend":
-        """The eager model an artifact was exported from (``int4`` defaults to the artifact's)."""
-        loaded = model_from_manifest(manifest)
+    def reference_for(cls, manifest: dict[str, Any], int4: bool | None = None, loaded: LoadedModel | None = None,
+                      **kw) -> "EagerBackend":
+        """The eager model an artifact was exported from (``int4`` defaults to the artifact's;
+        ``loaded``: that model already read, e.g. by a previous reference's ``.loaded``)."""
+        loaded = loaded or model_from_manifest(manifest)
         recorded = manifest.get("quantization", {})
         if int4 is None:
             int4 = recorded.get("scheme", "none") != "none"
