@@ -115,23 +115,27 @@ def cmd_parity(args) -> int:
         with console.status(f"loading {s}"):
             candidates[s] = _backend(s, args)
     if args.reference:
-        with console.status(f"loading reference {args.reference}"):
-            references = {None: runtime.load(args.reference)}
+        def reference(_scheme):
+            with console.status(f"loading reference {args.reference}"):
+                return runtime.load(args.reference)
         groups = {None: candidates}
     elif manifests:
         # Each int4 artifact is compared with the eager model carrying the same quantization AND
         # the same int8 activation arithmetic its runtime applies (weight-only when it applies none).
+        # One reference is alive at a time (each is an fp32 copy of the model); the checkpoint
+        # and the quantization are read and computed once.
         first = next(iter(manifests.values()))
-        groups, references = {}, {}
+        groups = {}
         for s, be in candidates.items():
             groups.setdefault(be.capabilities.activation_scheme, {})[s] = be
-        quant = None
-        for scheme in groups:
+        shared: dict = {}
+
+        def reference(scheme):
             with console.status(f"rebuilding the eager reference ({scheme or 'no activation quantization'}) "
                                 f"from the artifact manifest"):
-                kw = {"quantization": quant} if quant is not None else {}
-                references[scheme] = EagerBackend.reference_for(first, activations=scheme or False, **kw)
-                quant = references[scheme].quantization
+                ref = EagerBackend.reference_for(first, activations=scheme or False, **shared)
+                shared.update(loaded=ref.loaded, quantization=ref.quantization)
+                return ref
     text = None
     if not args.no_text:
         if args.text:
@@ -143,10 +147,13 @@ def cmd_parity(args) -> int:
                 raise EdgeLLMError(f"--text {args.text} is empty; give a text to score perplexity on")
         else:
             text = fetch("us-constitution.txt").read_text()
-    reports = [run_parity(group, references[scheme], steps=args.steps, text=text, text_tokens=args.text_tokens,
-                          with_noise_floor=references[scheme].capabilities.activation_scheme is not None,
-                          progress=lambda m: console.log(m))
-               for scheme, group in groups.items()]
+    reports = []
+    for scheme, group in groups.items():
+        ref = reference(scheme)
+        reports.append(run_parity(group, ref, steps=args.steps, text=text, text_tokens=args.text_tokens,
+                                  with_noise_floor=ref.capabilities.activation_scheme is not None,
+                                  progress=lambda m: console.log(m)))
+        del ref
     report = merge_reports(reports, order=list(candidates))
     console.print(report.table())
     if args.json:

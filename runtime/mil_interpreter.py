@@ -113,6 +113,20 @@ def _blockwise(a):
     return scale * data
 
 
+def _tile(x, reps):
+    """``np.tile`` as one broadcast copy: the same array (a copy decides no rounding), without
+    np.tile's repeat per axis, which was a sixth of a decode step (K/V heads tiled for GQA over
+    the whole 2048-slot cache)."""
+    x = np.asarray(x)
+    reps = [int(r) for r in np.atleast_1d(reps)]
+    if len(reps) < x.ndim:
+        reps = [1] * (x.ndim - len(reps)) + reps
+    x = x.reshape((1,) * (len(reps) - x.ndim) + x.shape)
+    pairs = [d for r, n in zip(reps, x.shape) for d in (r, n)]
+    src = x.reshape([d for n in x.shape for d in (1, n)])
+    return np.broadcast_to(src, pairs).reshape([r * n for r, n in zip(reps, x.shape)])
+
+
 def _concat(a):
     vals = [np.asarray(v) for v in a["values"]]
     if any(v.ndim == 0 for v in vals):
@@ -184,7 +198,7 @@ KERNELS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "transpose": lambda a: np.transpose(a["x"], [int(p) for p in a["perm"]]),
     "expand_dims": lambda a: _expand_dims(np.asarray(a["x"]), a["axes"]),
     "squeeze": lambda a: np.squeeze(a["x"], axis=tuple(int(i) for i in a["axes"]) if a.get("axes") is not None else None),
-    "tile": lambda a: np.tile(a["x"], [int(r) for r in a["reps"]]),
+    "tile": lambda a: _tile(a["x"], a["reps"]),
     "concat": _concat,
     "gather": lambda a: np.take(a["x"], np.asarray(a["indices"]).astype(np.int64), axis=int(a.get("axis", 0))),
     "slice_update": _slice_update,
@@ -232,6 +246,15 @@ class MILInterpreter:
         used.update(o.name for o in self.fn.outputs)
         self.consts = {k: v for k, v in self.consts.items() if k in used}  # drop int4 codes once materialized
         self.outputs = [v.name for v in self.fn.outputs]
+        # Each step's constant inputs are looked up once here, not on every call (the per-op
+        # lookups were a tenth of a decode step): (kind, ins, out, dtype, constants, live, lists).
+        self._steps = []
+        for kind, _, ins, out, dt in plan:
+            fixed = {k: self.consts[v] for k, v in ins.items() if isinstance(v, str) and v in self.consts}
+            fixed.update({k: None for k, v in ins.items() if v is None})
+            live = [(k, v) for k, v in ins.items() if isinstance(v, str) and v not in self.consts]
+            lists = [(k, v) for k, v in ins.items() if isinstance(v, list)]
+            self._steps.append((kind, ins, out, dt, fixed, live, lists))
         self.reset()
 
     def reset(self) -> None:
@@ -254,16 +277,20 @@ class MILInterpreter:
             if name not in inputs:
                 raise ValueError(f"MIL interpreter: missing input {name!r}")
             env[name] = np.asarray(inputs[name]).astype(np_dtype(var))
-        for kind, name, ins, out, dt in self.plan:
+        for kind, ins, out, dt, fixed, live, lists in self._steps:
             if kind == "read_state":
                 env[out] = self.states[ins["input"]]
                 continue
             if kind == "coreml_update_state":
                 val = np.asarray(self._get(ins["value"], env))
-                self.states[ins["state"]] = val.astype(np.float16)
+                self.states[ins["state"]] = val.astype(np.float16, copy=False)  # no kernel writes its inputs
                 env[out] = val
                 continue
-            args = {k: self._get(v, env) for k, v in ins.items()}
+            args = dict(fixed)
+            for k, v in live:
+                args[k] = env[v]
+            for k, v in lists:
+                args[k] = self._get(v, env)
             env[out] = np.asarray(KERNELS[kind](args)).astype(dt, copy=False)
         return {n: env[n] if n in env else self.consts[n] for n in self.outputs}
 

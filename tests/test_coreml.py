@@ -186,3 +186,15 @@ def test_coreml_runtime_matches_eager(export_artifact, tiny, tiny_quant):
     cand = load(str(art), engine="coreml")
     st = teacher_forced(cand, _eager(tiny, tiny_quant), _ids(16 + N_DECODE + 1, tiny.config.vocab_size), 16)
     assert st.max_rel <= REL_BOUND
+
+
+@pytest.mark.parametrize("shape,reps", [((1, 3, 1, 40, 8), (1, 1, 3, 1, 1)), ((3, 4), (2,)), ((3, 4), (2, 3)),
+                                        ((5,), (2, 3, 1)), ((2, 3, 4), (1,)), ((2, 1, 3), (2, 2, 2))])
+def test_interpreter_tile_is_numpy_tile(shape, reps):
+    """The interpreter's broadcast tile returns np.tile's array (shape, dtype and every value)."""
+    from runtime.mil_interpreter import KERNELS
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float16)
+    got = np.asarray(KERNELS["tile"]({"x": x, "reps": np.asarray(reps, np.int32)}))
+    want = np.tile(x, reps)
+    assert got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got, want)

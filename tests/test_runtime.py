@@ -124,3 +124,66 @@ def test_run_measured_reports_the_childs_own_peak_rss():
     assert small.returncode == big.returncode == 0
     assert big_peak - small_peak > 150, (small_peak, big_peak)
     assert small_peak < 200  # a bare interpreter, even when this test process holds torch and models
+
+
+def test_eager_attention_over_filled_blocks_is_bit_identical_to_the_whole_cache():
+    """The eager backend's attention (cut after the last key block with a visible slot, GQA in the
+    kernel) gives the canonical decoder's logits bit for bit, for prefills and decodes on both
+    sides of a block boundary; cutting at the exact filled length would not (so this can fail)."""
+    import torch
+
+    from edgellm.decoder import SDPA
+    from runtime.backends.eager import KV_BLOCK, FilledBlocksSDPA
+
+    be = load("eager:tiny", max_seq_len=3 * KV_BLOCK)
+    assert any(isinstance(m, FilledBlocksSDPA) for m in be.model.modules())
+    plain = load("eager:tiny", max_seq_len=3 * KV_BLOCK).model
+    for parent in list(plain.modules()):  # back to the decoder's own attention
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FilledBlocksSDPA):
+                setattr(parent, name, SDPA(child.n_heads, child.n_kv_heads, child.head_dim))
+    ids = [(7 * i) % 4000 + 5 for i in range(KV_BLOCK + 8)]
+    prompt = KV_BLOCK - 4
+
+    def canonical(model):
+        model.reset_cache()
+        with torch.no_grad():
+            rows = [model(torch.tensor([ids[:prompt]]), torch.arange(prompt))[0].numpy()]
+            for p in range(prompt, len(ids)):
+                rows.append(model(torch.tensor([[ids[p]]]), torch.tensor([p]))[0].numpy())
+        return np.concatenate(rows)
+
+    want = canonical(plain)
+    be.reset()
+    got = np.concatenate([be.forward_all(ids[:prompt])] + [be.forward_all([t]) for t in ids[prompt:]])
+    assert np.array_equal(got, want)
+
+    class ExactLength(FilledBlocksSDPA):
+        def forward(self, q, k_all, v_all, mask, n, input_pos):
+            n = int(input_pos.max()) + 1
+            return super().forward(q, k_all, v_all, mask[..., :n], n, input_pos)
+
+    for parent in list(plain.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is SDPA:
+                setattr(parent, name, ExactLength(child.n_heads, child.n_kv_heads, child.head_dim))
+    assert not np.array_equal(canonical(plain), want)
+
+
+def test_parity_reads_greedy_and_reference_logits_off_single_passes(tiny_eager):
+    """run_parity reuses the reference's greedy logits as its teacher-forced ones and reads a
+    candidate's greedy prefix off its teacher-forced logits; both equal the separate passes."""
+    from runtime.parity import all_logits, greedy_agreement, greedy_prefix, greedy_run
+
+    other = load("eager:tiny", max_seq_len=64, seed=1)
+    for text in ("The capital of France is", "Once upon a time, in a small village by the sea,"):
+        prompt = tiny_eager.tokenizer.encode(text)
+        cont, rows = greedy_run(tiny_eager, prompt, 10)
+        assert np.array_equal(rows, all_logits(tiny_eager, prompt + cont, len(prompt)))
+        for cand in (other, load("eager:tiny", max_seq_len=64)):
+            common, _, _ = greedy_prefix(cand, tiny_eager, prompt, 10)
+            assert greedy_agreement(all_logits(cand, prompt + cont, len(prompt)), cont) == common
+    row = run_parity({"other": other}, tiny_eager, steps=10).rows[0]
+    assert row.greedy_common < row.greedy_n  # a different model, and the agreement said so
+    with pytest.raises(ValueError, match="steps"):
+        run_parity({"other": other}, tiny_eager, steps=0)

@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from edgellm.decoder import SDPA
 from edgellm.errors import EdgeLLMError
 from edgellm.memory import available_bytes
 from edgellm.model import LoadedModel, model_from_manifest, resolve_model
@@ -26,6 +28,41 @@ from runtime.backend import Backend, BackendOptions, Capabilities, register
 # An int4 reference whose fp32 copy would exceed this is kept at 4 bits and dequantized weight by
 # weight as it is read (the same values, hence the same logits; slower per forward).
 STREAM_FP32_ABOVE = 4 << 30
+
+# PyTorch's CPU flash attention walks the keys in blocks of this many cache slots (or all of them
+# when fewer); attention here is cut after the last block holding a visible slot.
+KV_BLOCK = 512
+
+
+class FilledBlocksSDPA(SDPA):
+    """The decoder's attention over the whole masked cache, bit for bit, at the cost of the filled
+    part: key blocks past the last visible slot are fully masked and add exact zeros in the kernel,
+    so they are dropped, and K/V heads are shared in the kernel (``enable_gqa``) instead of
+    copied by ``repeat_interleave``. At 2048 slots that was most of a decode step's time.
+    (Cutting at the exact filled length would change the kernel's last block, hence its rounding;
+    ``tests/test_runtime.py`` holds the equality.)"""
+
+    def forward(self, q, k_all, v_all, mask, n, input_pos):
+        T = q.shape[1]
+        if n is not None:
+            k_all, v_all = k_all[:, :, :n], v_all[:, :, :n]
+        else:
+            slots = k_all.shape[2]
+            cut = min(slots, -(-(int(input_pos.max()) + 1) // KV_BLOCK) * KV_BLOCK)
+            if cut < slots:
+                k_all, v_all, mask = k_all[:, :, :cut], v_all[:, :, :cut], mask[..., :cut]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, attn_mask=mask,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return y.transpose(1, 2).reshape(1, T, -1)
+
+
+def fast_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """In place: every canonical ``SDPA`` of ``model`` becomes a ``FilledBlocksSDPA``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is SDPA:
+                setattr(parent, name, FilledBlocksSDPA(child.n_heads, child.n_kv_heads, child.head_dim))
+    return model
 
 
 def quantize_model(loaded: LoadedModel) -> Quantization:
@@ -39,7 +76,7 @@ class EagerBackend(Backend):
     accepts = frozenset({"tokenizer", "threads", "max_seq_len", "seed", "n_layers"})
 
     def __init__(self, model, tokenizer, name: str = "eager", threads: int | None = None):
-        self.model = model.eval()
+        self.model = fast_attention(model).eval()
         self.tokenizer = tokenizer
         self.name = name
         self.max_seq_len = model.config.max_seq_len
@@ -49,6 +86,7 @@ class EagerBackend(Backend):
         self.pos = 0
         self.activation_scheme: str | None = None
         self.quantization: Quantization | None = None
+        self.loaded: LoadedModel | None = None
 
     @torch.no_grad()
     def _forward(self, ids: list[int], start: int) -> np.ndarray:
@@ -105,6 +143,7 @@ class EagerBackend(Backend):
             tokenizer = loaded.tokenizer()
         backend = cls(model, tokenizer, name=f"eager:{loaded.recipe.name}:{label}", threads=threads)
         backend.quantization = quant  # reusable for a second reference (e.g. other activation arithmetic)
+        backend.loaded = loaded  # likewise: its weights are only read
         backend.activation_scheme = resolve_activation_scheme(activations) if int4 else None
         return backend
 
@@ -124,9 +163,11 @@ class EagerBackend(Backend):
         return cls.from_loaded(loaded, int4=int4, tokenizer=options.tokenizer, threads=options.threads)
 
     @classmethod
-    def reference_for(cls, manifest: dict[str, Any], int4: bool | None = None, **kw) -> "EagerBackend":
-        """The eager model an artifact was exported from (``int4`` defaults to the artifact's)."""
-        loaded = model_from_manifest(manifest)
+    def reference_for(cls, manifest: dict[str, Any], int4: bool | None = None, loaded: LoadedModel | None = None,
+                      **kw) -> "EagerBackend":
+        """The eager model an artifact was exported from (``int4`` defaults to the artifact's;
+        ``loaded``: that model already read, e.g. by a previous reference's ``.loaded``)."""
+        loaded = loaded or model_from_manifest(manifest)
         recorded = manifest.get("quantization", {})
         if int4 is None:
             int4 = recorded.get("scheme", "none") != "none"

@@ -102,15 +102,33 @@ def noise_floor(reference: Backend, ids: list[int], prompt_len: int, ref_logits:
     return compare_logits(moved, ref_logits)
 
 
-def greedy_tokens(backend: Backend, prompt_ids: list[int], n: int) -> list[int]:
+def greedy_run(backend: Backend, prompt_ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """``n`` greedy tokens and the logits [n, vocab] each was chosen from. These are the calls
+    ``all_logits(backend, prompt_ids + tokens, len(prompt_ids))`` makes, so the rows are its
+    rows: parity keeps them as the reference's teacher-forced logits instead of a second pass."""
     backend.reset()
     logits = backend.prefill(prompt_ids)
-    out = []
+    out, rows = [], []
     for i in range(n):
+        rows.append(logits)
         out.append(int(np.argmax(logits)))
         if i + 1 < n:
             logits = backend.decode(out[-1])
-    return out
+    return out, np.stack(rows) if rows else np.zeros((0, backend.vocab_size), np.float32)
+
+
+def greedy_tokens(backend: Backend, prompt_ids: list[int], n: int) -> list[int]:
+    return greedy_run(backend, prompt_ids, n)[0]
+
+
+def greedy_agreement(forced_logits: np.ndarray, ref_tokens: list[int]) -> int:
+    """The greedy common prefix, read off a candidate teacher-forced on the reference's greedy
+    tokens: while the candidate's own greedy choices equal them it is fed the same tokens through
+    the same calls, so its logits are these rows and its choice at step i is their argmax."""
+    for i, t in enumerate(ref_tokens):
+        if int(np.argmax(forced_logits[i])) != t:
+            return i
+    return len(ref_tokens)
 
 
 def greedy_prefix(candidate: Backend, reference: Backend, prompt_ids: list[int], n: int):
@@ -213,13 +231,14 @@ def run_parity(candidates: dict[str, Backend], reference: Backend, *, prompts=DE
     """Compare each candidate with ``reference``: teacher-forced on each prompt + its reference
     greedy continuation (``steps`` tokens), free-running greedy, and perplexity on ``text``;
     optionally the reference's own noise floor on the same teacher-forced steps."""
+    if steps < 1:
+        raise ValueError(f"parity needs at least one teacher-forced step, got steps={steps}")
     tok = reference.tokenizer
     prompt_ids = [tok.encode(p) for p in prompts]
     forced = []  # (ids, prompt_len, reference logits, reference greedy tokens): computed once
     for ids in prompt_ids:
-        cont = greedy_tokens(reference, ids, steps)
-        full = ids + cont
-        forced.append((full, len(ids), all_logits(reference, full, len(ids)), cont))
+        cont, ref_logits = greedy_run(reference, ids, steps)  # its logits are the teacher-forced ones
+        forced.append((ids + cont, len(ids), ref_logits, cont))
     floor = None
     if with_noise_floor:
         if progress:
@@ -241,12 +260,11 @@ def run_parity(candidates: dict[str, Backend], reference: Backend, *, prompts=DE
         t = time.time()
         stats = None
         common = total = 0
-        for (ids, plen, ref_logits, ref_greedy), p in zip(forced, prompt_ids):
-            s = compare_logits(all_logits(cand, ids, plen), ref_logits)
+        for ids, plen, ref_logits, ref_greedy in forced:
+            logits = all_logits(cand, ids, plen)
+            s = compare_logits(logits, ref_logits)
             stats = s if stats is None else stats.extend(s)
-            mine = greedy_tokens(cand, p, steps)
-            c = next((i for i, (a, b) in enumerate(zip(mine, ref_greedy)) if a != b), steps)
-            common, total = common + c, total + steps
+            common, total = common + greedy_agreement(logits, ref_greedy), total + steps
         ppl_c = perplexity(cand, text_ids) if text_ids else None
         rows.append(ParityRow(name, len(stats.rel), stats.max_abs_all, stats.max_rel, stats.top1_rate,
                               stats.mean_kl, common, total, ppl_c, ppl_ref, time.time() - t,
