@@ -27,6 +27,7 @@ from torch import nn
 from edgellm.decoder import Decoder, fill
 from edgellm.tokenizer import Tokenizer, runner_json
 from export.targets import Flavour
+from export.targets.executorch.lean_edge import lean_edge
 from export.targets.executorch.lean_lowering import lean_lowering
 from export.transforms import Transform
 
@@ -142,7 +143,7 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",)):
     from executorch.exir.dialects._ops import ops
     from executorch.exir.passes import MemoryPlanningPass
 
-    with lean_lowering():  # the same program, without retraces that cannot change it (lean_lowering.py)
+    with lean_edge(), lean_lowering():  # the same program, without retraces that cannot change it (lean_*.py)
         edge = to_edge_transform_and_lower(ep, partitioner=[PARTITIONERS[p]() for p in partitioners],
                                            constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))

@@ -1,0 +1,92 @@
+"""``to_edge_transform_and_lower`` without decomposition retraces that have nothing to decompose
+(executorch 1.5.1).
+
+Before partitioning, executorch turns the exported program into edge dialect with up to three
+``run_decompositions`` calls (``_gen_edge_manager_for_partitioners``): ``{}`` to functionalize,
+then the default table minus the partitioner's preserved ops, then -- after the preserved ops
+that pass the partitioner's check were swapped for no-decomp placeholders -- the full default
+table. Each call re-exports the whole program under FakeTensorMode with the symbolic query
+length. On our decoders the third call finds no op of its table in the graph (every preserved
+op passed the check, the second call decomposed the rest), so it only re-derives the graph it
+was given.
+
+Executorch already skips that call on its other path when no table target occurs in the graph
+(``contains_any_call_fn_target_op``). ``lean_edge()`` applies a slightly wider test to a program
+that is itself the result of a ``run_decompositions`` made while it is active (so already
+functional: the first, functionalizing call always runs): every op of the new table still in
+the graph must have been in the previous table with the same decomposition -- it survived that
+decomposition, so it is a fixed point of it (``aten.sym_size.int``, which tracing re-creates, is
+the one such op on our graphs). Then the program is returned unchanged. The patch
+(``ExportedProgram.run_decompositions``) lasts for the context only and is not applied on an
+executorch other than 1.5.1. The .pte is byte-identical (tests/test_executorch.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+
+from export.targets.executorch.lean_lowering import _supported
+
+
+def _targets(gm) -> set:
+    """The ops ``gm`` (and its control-flow subgraphs) calls, as decomposition tables key them."""
+    import torch
+
+    out = set()
+    for mod in gm.modules():
+        if isinstance(mod, torch.fx.GraphModule):
+            for n in mod.graph.nodes:
+                if n.op == "call_function":
+                    t = n.target
+                    out.add(t if isinstance(t, torch._ops.OpOverload) else getattr(t, "_op", t))
+    return out
+
+
+def _same(f, g) -> bool:
+    """The same decomposition. A table is rebuilt per call, with a fresh ``partial`` of a fresh
+    closure-free local function per CompositeImplicitAutograd op: same code, no captured state,
+    equal arguments is the same function."""
+    if f is g:
+        return True
+    if isinstance(f, functools.partial) and isinstance(g, functools.partial):
+        return _same(f.func, g.func) and f.args == g.args and f.keywords == g.keywords
+    code = getattr(f, "__code__", None)
+    return (code is not None and code is getattr(g, "__code__", None) and f.__closure__ is None
+            and g.__closure__ is None and f.__defaults__ == g.__defaults__ and f.__globals__ is g.__globals__)
+
+
+def _fixed_point(gm, table: dict, prev: dict) -> bool:
+    """Would decomposing ``gm`` (the output of a decomposition with ``prev``) with ``table`` keep
+    every op? Yes if each op of ``table`` in the graph was decomposed by the same function before."""
+    return all(op in prev and _same(prev[op], table[op]) for op in _targets(gm) if op in table)
+
+
+@contextlib.contextmanager
+def lean_edge():
+    """While active, ``run_decompositions`` on an already decomposed program that the table
+    cannot change (``_fixed_point``) returns the program itself instead of re-exporting it."""
+    if not _supported():
+        yield False
+        return
+
+    from torch.export.exported_program import ExportedProgram
+
+    made = weakref.WeakKeyDictionary()  # program -> the table a run_decompositions in this context made it with
+    orig = ExportedProgram.run_decompositions
+
+    def run_decompositions(self, decomp_table=None, decompose_custom_triton_ops=False):
+        prev = made.get(self)
+        if decomp_table is not None and prev is not None and not decompose_custom_triton_ops \
+                and _fixed_point(self.graph_module, decomp_table, prev):
+            return self  # functional already, and nothing the table could decompose: the retrace is a copy
+        out = orig(self, decomp_table, decompose_custom_triton_ops)
+        made[out] = dict(decomp_table) if decomp_table is not None else None
+        return out
+
+    ExportedProgram.run_decompositions = run_decompositions
+    try:
+        yield True
+    finally:
+        ExportedProgram.run_decompositions = orig
