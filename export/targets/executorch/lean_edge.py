@@ -30,18 +30,38 @@ import weakref
 from export.targets.executorch.lean_lowering import _supported
 
 
-def _targets(gm) -> set:
-    """The ops ``gm`` (and its control-flow subgraphs) calls, as decomposition tables key them."""
+def _calls(gm) -> list:
+    """The call targets of ``gm`` and its control-flow subgraphs."""
     import torch
 
-    out = set()
-    for mod in gm.modules():
-        if isinstance(mod, torch.fx.GraphModule):
-            for n in mod.graph.nodes:
-                if n.op == "call_function":
-                    t = n.target
-                    out.add(t if isinstance(t, torch._ops.OpOverload) else getattr(t, "_op", t))
-    return out
+    return [n.target for mod in gm.modules() if isinstance(mod, torch.fx.GraphModule)
+            for n in mod.graph.nodes if n.op == "call_function"]
+
+
+def _targets(gm) -> set:
+    """The ops ``gm`` calls, as decomposition tables key them (an edge op by its ATen op)."""
+    import torch
+
+    return {t if isinstance(t, torch._ops.OpOverload) else getattr(t, "_op", t) for t in _calls(gm)}
+
+
+def _may_rewrite(p, gm) -> bool:
+    """Can edge pass ``p`` (one that rewrites only inside its retrace, in ``call_operator``)
+    change ``gm``? ``NormalizeTransposePass`` rewrites only ``aten.t``,
+    ``ReplaceBrokenOpsWithFunctionalOpsPass`` only view ops (``is_view``); any other pass: yes."""
+    import torch
+    from executorch.exir.passes.normalize_transpose_pass import NormalizeTransposePass
+    from executorch.exir.passes.replace_broken_ops_with_function_ops_pass import (
+        ReplaceBrokenOpsWithFunctionalOpsPass)
+
+    if type(p) is NormalizeTransposePass:
+        return torch.ops.aten.t.default in _targets(gm)
+    if type(p) is ReplaceBrokenOpsWithFunctionalOpsPass:  # call_operator sees OpOverload(Packet)s and edge ops
+        from executorch.exir.dialects.edge._ops import EdgeOpOverload
+
+        ops = (torch._ops.OpOverload, torch._ops.OpOverloadPacket, EdgeOpOverload)
+        return any(getattr(t, "is_view", True) for t in _calls(gm) if isinstance(t, ops))
+    return True
 
 
 def _same(f, g) -> bool:
@@ -71,7 +91,9 @@ def lean_edge():
         yield False
         return
 
+    from executorch.exir.pass_base import _ExportPassBase
     from torch.export.exported_program import ExportedProgram
+    from torch.fx.passes.infra.pass_base import PassResult
 
     made = weakref.WeakKeyDictionary()  # program -> the table a run_decompositions in this context made it with
     orig = ExportedProgram.run_decompositions
@@ -85,8 +107,15 @@ def lean_edge():
         made[out] = dict(decomp_table) if decomp_table is not None else None
         return out
 
-    ExportedProgram.run_decompositions = run_decompositions
+    orig_call = _ExportPassBase.call
+
+    def call(self, graph_module):
+        if not _may_rewrite(self, graph_module):
+            return PassResult(graph_module, False)  # its retrace would rebuild the same graph
+        return orig_call(self, graph_module)
+
+    ExportedProgram.run_decompositions, _ExportPassBase.call = run_decompositions, call
     try:
         yield True
     finally:
-        ExportedProgram.run_decompositions = orig
+        ExportedProgram.run_decompositions, _ExportPassBase.call = orig, orig_call
