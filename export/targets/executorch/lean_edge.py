@@ -45,17 +45,43 @@ def _targets(gm) -> set:
     return {t if isinstance(t, torch._ops.OpOverload) else getattr(t, "_op", t) for t in _calls(gm)}
 
 
+def _sym_for_tensor(node) -> bool:
+    """Does ``node`` pass a symbolic scalar (or a value of unknown type) to a Tensor argument of
+    its op's schema, pairing arguments as ``pass_base.map_args`` does? Unknown schema: yes."""
+    import torch
+
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return isinstance(node.target, torch._ops.OpOverloadPacket)  # other targets never reach call_operator
+    for i, arg in enumerate(schema.arguments):
+        if arg.name in node.kwargs:
+            value = node.kwargs[arg.name]
+        elif not arg.kwarg_only and i < len(node.args):
+            value = node.args[i]
+        else:
+            continue
+        if isinstance(arg.type, torch.TensorType) and isinstance(value, torch.fx.Node) and (
+                "val" not in value.meta or isinstance(value.meta["val"], (torch.SymInt, torch.SymFloat, torch.SymBool))):
+            return True
+    return False
+
+
 def _may_rewrite(p, gm) -> bool:
     """Can edge pass ``p`` (one that rewrites only inside its retrace, in ``call_operator``)
     change ``gm``? ``NormalizeTransposePass`` rewrites only ``aten.t``,
-    ``ReplaceBrokenOpsWithFunctionalOpsPass`` only view ops (``is_view``); any other pass: yes."""
+    ``ReplaceBrokenOpsWithFunctionalOpsPass`` only view ops (``is_view``), ``SymToTensorPass``
+    only a SymInt/SymFloat/SymBool given to a Tensor argument; any other pass: yes."""
     import torch
     from executorch.exir.passes.normalize_transpose_pass import NormalizeTransposePass
     from executorch.exir.passes.replace_broken_ops_with_function_ops_pass import (
         ReplaceBrokenOpsWithFunctionalOpsPass)
+    from executorch.exir.passes.sym_to_tensor_pass import SymToTensorPass
 
     if type(p) is NormalizeTransposePass:
         return torch.ops.aten.t.default in _targets(gm)
+    if type(p) is SymToTensorPass:
+        return any(_sym_for_tensor(n) for mod in gm.modules() if isinstance(mod, torch.fx.GraphModule)
+                   for n in mod.graph.nodes if n.op == "call_function")
     if type(p) is ReplaceBrokenOpsWithFunctionalOpsPass:  # call_operator sees OpOverload(Packet)s and edge ops
         from executorch.exir.dialects.edge._ops import EdgeOpOverload
 
