@@ -304,3 +304,30 @@ def test_placeholder_codes_write_the_same_program(tiny, flavour, monkeypatch):
     linears = [n for n in quant.weights if n != "embed_tokens.weight"]
     assert lazy.packed == len(linears) and all(quant.weights[n].packed is None for n in linears)
     assert quant.summary() == summary  # the manifest's, from before the release
+
+
+@pytest.mark.parametrize("flavour", ["portable", "fast"])
+def test_lean_edge_writes_the_same_program(tiny, tiny_quant, flavour, monkeypatch):
+    """Skipping the edge conversion's decompositions and pass retraces that cannot change the
+    program leaves the .pte byte-identical, and the skips happen on the pinned executorch."""
+    import contextlib
+
+    from export import targets
+    from export.pipeline import ExportJob
+    from export.targets.executorch import lean_edge, lowering
+
+    job = ExportJob(tiny, tiny_quant, "/nonexistent", targets.get("executorch"), flavour, progress=lambda s: None)
+
+    def pte() -> bytes:
+        ep, _, _ = lowering.exported_program(job)
+        return lowering.lower_program(ep, lowering.constant_methods(job), job.flavour.options["partitioners"])[0].buffer
+
+    skipped = []
+    fixed_point, may_rewrite = lean_edge._fixed_point, lean_edge._may_rewrite
+    monkeypatch.setattr(lean_edge, "_fixed_point", lambda *a: skipped.append("decomposition") or True
+                        if fixed_point(*a) else False)
+    monkeypatch.setattr(lean_edge, "_may_rewrite", lambda *a: may_rewrite(*a) or skipped.append(type(a[0]).__name__))
+    lean = pte()
+    assert {"decomposition", "NormalizeTransposePass", "SymToTensorPass"} <= set(skipped), skipped
+    monkeypatch.setattr(lowering, "lean_edge", contextlib.nullcontext)
+    assert pte() == lean

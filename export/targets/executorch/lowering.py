@@ -29,6 +29,7 @@ from edgellm.decoder import Decoder, fill
 from edgellm.tokenizer import Tokenizer, runner_json
 from export.targets import Flavour
 from export.targets.executorch.lazy_codes import LazyCodes, constants_shared_with_preprocess
+from export.targets.executorch.lean_edge import lean_edge
 from export.targets.executorch.lean_lowering import lean_lowering, supported
 from export.transforms import Transform
 
@@ -154,9 +155,10 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCode
     status("executorch: lower: edge dialect and XNNPACK partitioning")
     if lazy is not None:
         lazy.on_packed = lambda n, total: status(f"executorch: lower: XNNPACK packed {n}/{total} int4 weights")
-    with lean_lowering() as lean, (constants_shared_with_preprocess() if lean else contextlib.nullcontext()), \
+    with lean_edge(), lean_lowering() as lean, \
+            (constants_shared_with_preprocess() if lean else contextlib.nullcontext()), \
             (lazy.reading() if lazy is not None else contextlib.nullcontext()):
-        # the same program, without retraces that cannot change it (lean_lowering.py)
+        # the same program, without retraces that cannot change it (lean_edge.py, lean_lowering.py)
         edge = to_edge_transform_and_lower(ep, partitioner=[PARTITIONERS[p]() for p in partitioners],
                                            constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
