@@ -186,8 +186,9 @@ def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | Non
     need = estimated_peak_bytes(cfg, worst)
     if available is None or need <= available:
         return
-    at = [estimated_peak_bytes(replace(cfg, n_layers=n), worst) for n in (0, 1)]
-    fits = max(0, (available - at[0]) // max(at[1] - at[0], 1))
+    one, two = (estimated_peak_bytes(replace(cfg, n_layers=n), worst) for n in (1, 2))  # linear in depth
+    per_layer = max(two - one, 1)
+    fits = max(0, (available - (one - per_layer)) // per_layer)
     hint = (f"--n-layers {min(fits, cfg.n_layers - 1)} would fit (a depth-truncated dry run)" if fits >= 1
             else "no depth of this width fits")
     cache = (f" plus its fp32 KV cache of {cfg.kv_cache_bytes() / 2**30:.1f} GiB, which --max-seq-len shrinks"

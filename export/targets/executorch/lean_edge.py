@@ -37,7 +37,7 @@ import contextlib
 import functools
 import weakref
 
-from export.targets.executorch.lean_lowering import _supported
+from export.targets.executorch.lean_lowering import supported
 
 
 def _calls(gm) -> list:
@@ -123,7 +123,7 @@ def _fixed_point(gm, table: dict, prev: dict) -> bool:
 def lean_edge():
     """While active, ``run_decompositions`` on an already decomposed program that the table
     cannot change (``_fixed_point``) returns the program itself instead of re-exporting it."""
-    if not _supported():
+    if not supported():
         yield False
         return
 
