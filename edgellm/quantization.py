@@ -85,9 +85,14 @@ class QuantizedWeight:
     def codes(self) -> torch.Tensor:
         if self.packed is None:
             raise RuntimeError("this quantized weight was released by its last consumer (QuantizedWeight.release)")
-        out = torch.empty(self._shape, dtype=torch.int16)
-        out[:, 0::2], out[:, 1::2] = self.packed & 0xF, self.packed >> 4
-        return (out - (8 if self.zero_points is None else 0)).to(torch.int8)
+        # Unpacked straight into int8 (nibbles 0..15 fit): 1.5 bytes per code at the peak rather
+        # than the 5 of an int16 detour, which matters for a 7B's 210M-code embedding and head.
+        out = torch.empty(self._shape, dtype=torch.int8)
+        out[:, 0::2] = (self.packed & 0xF).view(torch.int8)
+        out[:, 1::2] = (self.packed >> 4).view(torch.int8)
+        if self.zero_points is None:
+            out -= 8
+        return out
 
     @property
     def symmetric(self) -> bool:

@@ -10,11 +10,14 @@ from export.targets.coreml import lowering
 class CoreML(Target):
     name = "coreml"
     flavours = lowering.FLAVOURS
-    # Traced without weights, int4 codes swapped in before any fp16 copy: the conversion holds the
-    # shared quantization (~0.6 B/param) and the MIL program's codes (1 B/param: coremltools' int4
-    # is an int8 with metadata). Measured: XGen-7B width at 2 layers peaks at 3.2 GB (the shared
-    # load+quantize stage; conversion 2.7 GB).
-    bytes_per_parameter = 2.0
+    # Traced without weights, int4 codes swapped in before any fp16 copy, and (the run's last
+    # consumer) each shared weight freed once the program holds it: the conversion holds the MIL
+    # program's codes (1 B/param: coremltools' int4 is an int8 with metadata) plus, while the pass
+    # runs, what is not yet swapped of the shared quantization (~0.6 B/param). Measured: the full
+    # XGen-7B-8K (6.9B, default 8K cache) peaks at 11070 MiB = 11.6 GB (convert: the
+    # read-back of _reconvert; it was 17.0 GB while the shared quantization stayed resident), i.e.
+    # (11.6 - 0.6 base - 1.7 transient) / 6.9 = 1.35. The KV cache is counted but not resident.
+    bytes_per_parameter = 1.4
     holds_cache = True
 
     def lower(self, job):
