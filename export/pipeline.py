@@ -144,10 +144,12 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
     t = time.time()
     tenth = [0]
 
-    def report(done: int, total: int):  # a line per tenth of the tensors: a 7B takes minutes
+    show = getattr(progress, "status", progress)  # a live display's line, else a line per tenth
+
+    def report(done: int, total: int):  # a 7B takes minutes
         if total >= 20 and done * 10 // total > tenth[0]:
             tenth[0] = done * 10 // total
-            progress(f"quantizing: {done}/{total} tensors, {time.time() - t:.0f}s")
+            show(f"quantizing: {done}/{total} tensors, {time.time() - t:.0f}s")
 
     q = quantize(loaded.weights, qcfg, tied=loaded.config.tie_embeddings, progress=report)
     progress(f"quantized {len(q.weights)} tensors to int4 (group {qcfg.group_size}) in {time.time() - t:.1f}s")
