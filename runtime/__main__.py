@@ -150,9 +150,10 @@ def cmd_parity(args) -> int:
     reports = []
     for scheme, group in groups.items():
         ref = reference(scheme)
-        reports.append(run_parity(group, ref, steps=args.steps, text=text, text_tokens=args.text_tokens,
-                                  with_noise_floor=ref.capabilities.activation_scheme is not None,
-                                  progress=lambda m: console.log(m)))
+        with TERM.activity(console) as progress:
+            reports.append(run_parity(group, ref, steps=args.steps, text=text, text_tokens=args.text_tokens,
+                                      with_noise_floor=ref.capabilities.activation_scheme is not None,
+                                      progress=progress))
         del ref
     report = merge_reports(reports, order=list(candidates))
     console.print(report.table())
