@@ -234,10 +234,10 @@ def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant:
     chosen = resolve_targets(targets, loaded)
     for t in chosen:
         t.flavour(flavour)
-    loaded.tokenizer()  # resolved (and checked against the vocabulary) now, written with each artifact
-    checks.output_dir(out, need_bytes=sum(estimated_artifact_bytes(loaded.config, quant != "none") for _ in chosen))
     if memory_check:
         check_memory(loaded, chosen)
+    loaded.tokenizer()  # resolved (and checked against the vocabulary) now, written with each artifact
+    checks.output_dir(out, need_bytes=sum(estimated_artifact_bytes(loaded.config, quant != "none") for _ in chosen))
     owned = False
     if quant == "none":
         quantization = None

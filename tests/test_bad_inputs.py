@@ -189,7 +189,7 @@ CASES = [
     ("runtime-unknown-command", R, ["serve"], 2, "serve"),
     # --- python -m export.make_checkpoint
     ("checkpoint-writer-n-layers-zero", C, ["tiny", "{out}", "--n-layers", "0"], 1, "--n-layers"),
-    ("checkpoint-writer-too-deep", C, ["tiny", "{out}", "--n-layers", "5"], 1, "--n-layers"),
+    ("checkpoint-writer-too-deep", C, ["tiny", "{out}", "--n-layers", "5000"], 1, "n_layers"),
     ("checkpoint-writer-shard-zero", C, ["tiny", "{out}", "--shard-gb", "0"], 1, "--shard-gb"),
     ("checkpoint-writer-unknown-recipe", C, ["no-such-model", "{out}"], 1, "unknown recipe"),
     ("checkpoint-writer-exists", C, ["tiny", lambda c: str(c.tmp)], 1, "exists"),

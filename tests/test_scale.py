@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgellm.errors import EdgeLLMError
 from edgellm.model import resolve_model
 from edgellm.weights import random_tensor, random_weights
 from export.make_checkpoint import write_checkpoint
@@ -39,7 +40,7 @@ def test_checkpoint_folder_holds_the_recipe_weights(tmp_path):
     assert ours.config == theirs.config
     for k in ours.weights:
         assert torch.equal(ours.weights[k], theirs.weights[k]), k
-    with pytest.raises(FileExistsError):
+    with pytest.raises(EdgeLLMError, match="exists"):
         write_checkpoint("tiny", out, progress=lambda m: None)
 
 
