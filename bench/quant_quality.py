@@ -35,7 +35,7 @@ VARIANTS = {
     "search-sym+8da": (dict(symmetric=True, scale_search=True), True),
     "rtn-asym": (dict(symmetric=False, scale_search=False), False),
     "search-asym": (dict(symmetric=False, scale_search=True), False),
-    "float-emb/head": (dict(symmetric=True, scale_search=True, embedding_bits=None), False),
+    "float-emb/head": (dict(symmetric=True, scale_search=True, embedding="float"), False),
 }
 
 

@@ -1,13 +1,19 @@
-"""The one int4 quantization every export target carries: codes, scales (and zero points).
+"""The one quantization every export target carries: codes, scales (and zero points).
 
-Weights are quantized group-wise along the input features (``block_size = (1, group_size)``,
-torchao's convention), to 4-bit codes with one scale per group:
+Each tensor has a precision (``QuantConfig``: ``linears``, ``embedding``, ``head``,
+``overrides``): int4, int8 or float (left unquantized). int4 weights are quantized group-wise
+along the input features (``block_size = (1, group_size)``, torchao's convention), to 4-bit
+codes with one scale per group:
 
 * symmetric (default; what XNNPACK 8da4w needs): codes in [-8, 7], zero point 0,
   ``w ≈ codes * scale``;
 * asymmetric (``symmetric: false``; for targets with a per-group offset such as ONNX
   MatMulNBits and Core ML): codes in [0, 15], an integer zero point in [0, 15] per group,
   ``w ≈ (codes - zero_point) * scale``.
+
+int8 weights are symmetric with one scale per row (``group_size`` = the row's length, codes in
+[-128, 127]): XNNPACK's 8-bit linear kernels (qc8w) are per output channel, and a per-row scale
+of a tied embedding is the same tensor as a per-channel scale of its head.
 
 Every scale lies on the grid shared by bf16 and fp16 (8 significant bits, fp16's normal range;
 stored as fp32): XNNPACK stores blockwise scales as bf16 and Core ML as fp16, so with this grid
@@ -25,14 +31,15 @@ Importance: for a Linear that directly follows an RMSNorm (q/k/v, gate/up, lm_he
 squared norm gain of each input channel weights the error (a data-free proxy of how large
 that input is); other weights use uniform weights.
 
-Tied embeddings: ``embed_tokens.weight`` and ``lm_head.weight`` are one tensor; when quantized
-(``embedding_bits: 4``) both names map to the same ``QuantizedWeight`` (both group along the
-model dim). A tied model with ``embedding_bits: null`` quantizes neither (a float embedding
-implies a float head, because they are the same tensor).
+Tied embeddings: ``embed_tokens.weight`` and ``lm_head.weight`` are one tensor with one
+precision; when quantized both names map to the same ``QuantizedWeight`` (both group along the
+model dim). A tied model with ``embedding: float`` quantizes neither (a float embedding implies
+a float head, because they are the same tensor).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import re
 from collections.abc import Callable, Mapping
@@ -51,6 +58,8 @@ from edgellm.recipes import QuantConfig
 
 SYM_QMIN, SYM_QMAX = -8, 7
 ASYM_QMIN, ASYM_QMAX = 0, 15
+INT8_QMIN, INT8_QMAX = -128, 127
+BITS = {"int4": 4, "int8": 8}
 SCALE_MAX = 65280.0  # largest value exact in both bf16 and fp16
 SCALE_TINY = 2.0 ** -14  # smallest normal fp16: scales never go below it (nor to 0)
 
@@ -65,26 +74,38 @@ def _scale_grid(x: torch.Tensor) -> torch.Tensor:
 
 
 class QuantizedWeight:
-    """One quantized tensor, held at 4 bits per code (two codes a byte), so a streamed 7B
-    quantization stays ~0.55 bytes per parameter; ``codes`` unpacks on access.
+    """One quantized tensor. int4 is held at 4 bits per code (two codes a byte), so a streamed
+    7B quantization stays ~0.55 bytes per parameter; ``codes`` unpacks on access.
 
-    codes: int8 [rows, cols]; symmetric [-8, 7], asymmetric [0, 15]
-    scales: float32 [rows, cols // group_size], exact in bf16 and fp16
-    zero_points: int8 [rows, cols // group_size] (asymmetric) or None
+    bits: 4 or 8
+    codes: int8 [rows, cols]; int4 symmetric [-8, 7], asymmetric [0, 15]; int8 [-128, 127]
+    scales: float32 [rows, cols // group_size], exact in bf16 and fp16 (int8: group_size = cols)
+    zero_points: int8 [rows, cols // group_size] (asymmetric int4) or None
     """
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, group_size: int):
-        if codes.dim() != 2 or codes.shape[1] % 2:
-            raise ValueError(f"int4 codes must be 2-D with an even number of columns, got {tuple(codes.shape)}")
-        self.scales, self.zero_points, self.group_size = scales, zero_points, group_size
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, group_size: int,
+                 bits: int = 4):
+        if bits not in (4, 8):
+            raise ValueError(f"quantized weights have 4 or 8 bits, got {bits}")
+        if bits == 8 and zero_points is not None:
+            raise ValueError("int8 weights are symmetric: they have no zero points")
+        if codes.dim() != 2 or (bits == 4 and codes.shape[1] % 2):
+            raise ValueError(f"int{bits} codes must be 2-D with an even number of columns, got {tuple(codes.shape)}")
+        self.scales, self.zero_points, self.group_size, self.bits = scales, zero_points, group_size, bits
         self._shape = codes.shape
+        if bits == 8:
+            self.packed = codes.to(torch.int8).contiguous()  # one code a byte: nothing to pack
+            return
         u = (codes.to(torch.int16) + (8 if zero_points is None else 0)).to(torch.uint8)
         self.packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()  # element 2j in the low nibble
 
     @property
     def codes(self) -> torch.Tensor:
+        """int8 [rows, cols] (int8 weights: the stored tensor itself; treat it as read-only)."""
         if self.packed is None:
             raise RuntimeError("this quantized weight was released by its last consumer (QuantizedWeight.release)")
+        if self.bits == 8:
+            return self.packed
         # Unpacked straight into int8 (nibbles 0..15 fit): 1.5 bytes per code at the peak rather
         # than the 5 of an int16 detour, which matters for a 7B's 210M-code embedding and head.
         out = torch.empty(self._shape, dtype=torch.int8)
@@ -104,7 +125,13 @@ class QuantizedWeight:
 
     @property
     def quant_range(self) -> tuple[int, int]:
+        if self.bits == 8:
+            return (INT8_QMIN, INT8_QMAX)
         return (SYM_QMIN, SYM_QMAX) if self.symmetric else (ASYM_QMIN, ASYM_QMAX)
+
+    @property
+    def precision(self) -> str:
+        return f"int{self.bits}"
 
     @property
     def shape(self) -> torch.Size:
@@ -122,7 +149,7 @@ class QuantizedWeight:
         self.packed = self.scales = self.zero_points = None
 
     def nbytes(self) -> int:
-        """Packed size: 4 bits per code, 2 bytes (fp16) per scale, 4 bits per zero point."""
+        """Stored size: 4 (int4) or 8 bits per code, 2 bytes (fp16) per scale, 4 bits per zero point."""
         n = self.packed.numel() + self.scales.numel() * 2
         if self.zero_points is not None:
             n += (self.zero_points.numel() + 1) // 2
@@ -155,8 +182,12 @@ class Quantization:
     def _describe(self) -> dict:
         h = hashlib.sha256()
         n_bytes = 0
+        precisions: dict[str, int] = {}
         for name, qw in self.unique():
             h.update(name.encode())
+            if qw.bits != 4:  # int4-only quantizations keep the digests they always had
+                h.update(f"bits={qw.bits}".encode())
+            precisions[qw.precision] = precisions.get(qw.precision, 0) + 1
             for t in (qw.codes, qw.scales, qw.zero_points):
                 if t is not None:
                     h.update(str(tuple(t.shape)).encode())
@@ -165,7 +196,8 @@ class Quantization:
         c = self.config
         return {
             "scheme": c.scheme, "group_size": c.group_size, "symmetric": c.symmetric,
-            "embedding_bits": c.embedding_bits,
+            "linears": c.linears, "embedding": c.embedding, "head": c.head_precision,
+            "overrides": dict(c.overrides), "precisions": precisions,
             "method": "scale-search" if c.scale_search else "max-abs-rtn",
             "quant_range": [SYM_QMIN, SYM_QMAX] if c.symmetric else [ASYM_QMIN, ASYM_QMAX],
             "scale_grid": "exact-in-bf16-and-fp16",  # every scale exact in both (see module docstring)
@@ -186,17 +218,17 @@ def _err(G, q, s, z, W):
     return (d.mul_(W) if W is not None else d).sum(1, keepdim=True)
 
 
-def _q_sym(G, s):
-    return torch.mul(G, 1.0 / s).round_().clamp_(SYM_QMIN, SYM_QMAX)
+def _q_sym(G, s, qmin=SYM_QMIN, qmax=SYM_QMAX):
+    return torch.mul(G, 1.0 / s).round_().clamp_(qmin, qmax)
 
 
 def _q_asym(G, s, z):
     return torch.clamp(torch.round(G * (1.0 / s)) + z, ASYM_QMIN, ASYM_QMAX)
 
 
-def _rtn_sym(G):
+def _rtn_sym(G, qmin=SYM_QMIN, qmax=SYM_QMAX):
     amax = G.abs().amax(1, keepdim=True)
-    return _scale_grid(amax / ((SYM_QMAX - SYM_QMIN) / 2))  # torchao SYMMETRIC: max|w| / 7.5
+    return _scale_grid(amax / ((qmax - qmin) / 2))  # torchao SYMMETRIC: max|w| / 7.5 (int8: / 127.5)
 
 
 def _rtn_asym(G):
@@ -207,26 +239,28 @@ def _rtn_asym(G):
     return s, z
 
 
-SYM_DIVISORS = [6.0, 6.5, 7.0, 8.0]  # (7.5 = max-abs RTN is always tried)  # candidate scales max|w| / a
+SYM_DIVISORS = [6.0, 6.5, 7.0, 8.0]  # candidate scales max|w| / a for int4 (7.5 = max-abs RTN is always
+# tried); int8 scales them by 127.5 / 7.5
 ASYM_SHRINK = [0.75, 0.85, 0.93]  # candidate ranges (hi - lo) * f
 REFINE_ITERS = 3
 
 
-def _search_sym(G, W):
-    s_best = _rtn_sym(G)
-    e_best = _err(G, _q_sym(G, s_best), s_best, None, W)
+def _search_sym(G, W, qmin=SYM_QMIN, qmax=SYM_QMAX):
+    s_best = _rtn_sym(G, qmin, qmax)
+    e_best = _err(G, _q_sym(G, s_best, qmin, qmax), s_best, None, W)
     amax = G.abs().amax(1, keepdim=True)
+    widen = (qmax - qmin) / (SYM_QMAX - SYM_QMIN)
     for a in SYM_DIVISORS:
-        s = _scale_grid(amax / a)
-        e = _err(G, _q_sym(G, s), s, None, W)
+        s = _scale_grid(amax / (a * widen))
+        e = _err(G, _q_sym(G, s, qmin, qmax), s, None, W)
         better = e < e_best
         s_best, e_best = torch.where(better, s, s_best), torch.where(better, e, e_best)
     for _ in range(REFINE_ITERS):  # alternating least squares: codes fixed -> optimal scale
-        q = _q_sym(G, s_best)
+        q = _q_sym(G, s_best, qmin, qmax)
         qw = q * W if W is not None else q
         num, den = (qw * G).sum(1, keepdim=True), (qw * q).sum(1, keepdim=True)
         s = _scale_grid(torch.where(den > 0, num / den.clamp_min(1e-30), s_best))
-        e = _err(G, _q_sym(G, s), s, None, W)
+        e = _err(G, _q_sym(G, s, qmin, qmax), s, None, W)
         better = e < e_best
         s_best, e_best = torch.where(better, s, s_best), torch.where(better, e, e_best)
     return s_best, None
@@ -273,8 +307,9 @@ def _check_divisible(name: str, cols: int, group_size: int):
 
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, group_size: int, symmetric: bool = True, scale_search: bool = True,
-                    importance: torch.Tensor | None = None, name: str = "weight") -> QuantizedWeight:
-    """Quantize a 2-D weight [rows, cols] group-wise along cols to int4.
+                    importance: torch.Tensor | None = None, name: str = "weight", bits: int = 4) -> QuantizedWeight:
+    """Quantize a 2-D weight [rows, cols] group-wise along cols to int4, or (``bits=8``) per
+    row to symmetric int8 (``group_size`` and ``symmetric`` are then ignored).
 
     ``importance`` (optional, [cols], non-negative) weights the per-column squared error in the
     scale search. Raises ValueError if ``cols`` is not divisible by ``group_size``.
@@ -282,6 +317,9 @@ def quantize_weight(w: torch.Tensor, group_size: int, symmetric: bool = True, sc
     if w.dim() != 2:
         raise ValueError(f"cannot quantize {name}: expected a 2-D weight, got shape {tuple(w.shape)}")
     rows, cols = w.shape
+    if bits == 8:
+        group_size, symmetric = cols, True
+    qmin, qmax = (INT8_QMIN, INT8_QMAX) if bits == 8 else (SYM_QMIN, SYM_QMAX)
     _check_divisible(name, cols, group_size)
     n_groups = cols // group_size
     Wimp = None
@@ -303,17 +341,17 @@ def quantize_weight(w: torch.Tensor, group_size: int, symmetric: bool = True, sc
         G = wc.view((r1 - r0) * n_groups, group_size)
         W = Wimp.repeat(r1 - r0, 1) if Wimp is not None else None
         if symmetric:
-            s, _ = _search_sym(G, W) if scale_search else (_rtn_sym(G), None)
+            s, _ = _search_sym(G, W, qmin, qmax) if scale_search else (_rtn_sym(G, qmin, qmax), None)
             s = s.view(r1 - r0, n_groups)
             codes[r0:r1] = quantize_affine(wc, block, s, torch.zeros_like(s, dtype=torch.int8), torch.int8,
-                                           SYM_QMIN, SYM_QMAX)
+                                           qmin, qmax)
         else:
             s, z = _search_asym(G, W) if scale_search else _rtn_asym(G)
             s, z = s.view(r1 - r0, n_groups), z.view(r1 - r0, n_groups).to(torch.int8)
             codes[r0:r1] = quantize_affine(wc, block, s, z, torch.int8, ASYM_QMIN, ASYM_QMAX)
             zp[r0:r1] = z
         scales[r0:r1] = s
-    return QuantizedWeight(codes.contiguous(), scales.contiguous(), zp, group_size)
+    return QuantizedWeight(codes.contiguous(), scales.contiguous(), zp, group_size, bits)
 
 
 def rtn_torchao(w: torch.Tensor, group_size: int, symmetric: bool = True) -> QuantizedWeight:
@@ -346,38 +384,70 @@ def _importance(state: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | 
 
 
 
+def precision_of(name: str, qcfg: QuantConfig, tied: bool = False) -> str:
+    """int4 | int8 | float for one state-dict tensor: its kind's setting, then ``overrides``
+    (later patterns win). A tied head is its embedding's tensor and precision."""
+    if tied and name == "lm_head.weight":
+        name = "embed_tokens.weight"
+    if name == "embed_tokens.weight":
+        p = qcfg.embedding
+    elif name == "lm_head.weight":
+        p = qcfg.head_precision
+    elif LINEAR_RE.match(name):
+        p = qcfg.linears
+    else:
+        return "float"  # norms and anything else stay in float
+    for pattern, override in qcfg.overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            p = override
+    return p
+
+
+def check_tied(qcfg: QuantConfig) -> None:
+    """A tied embedding/head is one tensor, so it has one precision."""
+    head = qcfg.head_precision
+    for pattern, override in qcfg.overrides.items():
+        if fnmatch.fnmatchcase("lm_head.weight", pattern) and not fnmatch.fnmatchcase("embed_tokens.weight", pattern):
+            head = override
+    embed = precision_of("embed_tokens.weight", qcfg)
+    if head != embed:
+        raise ValueError(f"this model ties its embedding and head (one tensor), but the recipe gives the embedding "
+                         f"{embed} and the head {head}; set quantization.head to {embed} (or leave it out)")
+
+
 def quantized_names(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: bool) -> list[str]:
     names = sorted(n for n in state if LINEAR_RE.match(n))
     if tied:
-        if qcfg.embedding_bits == 4:
-            names += ["embed_tokens.weight", "lm_head.weight"]
+        names += ["embed_tokens.weight", "lm_head.weight"]
     else:
-        if "lm_head.weight" in state:
-            names.append("lm_head.weight")
-        if qcfg.embedding_bits == 4 and "embed_tokens.weight" in state:
-            names.append("embed_tokens.weight")
-    return names
+        names += [n for n in ("lm_head.weight", "embed_tokens.weight") if n in state]
+    return [n for n in names if precision_of(n, qcfg, tied) != "float"]
 
 
 @torch.no_grad()
 def quantize(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: bool,
              progress: Callable[[int, int], None] | None = None) -> Quantization:
-    """The shared int4 quantization of a decoder state dict (see the module docstring), one
-    tensor at a time; ``progress(done, total)`` (tensors) after each."""
+    """The shared quantization of a decoder state dict (see the module docstring), one tensor
+    at a time, each at its precision (``precision_of``); ``progress(done, total)`` (tensors)
+    after each."""
     if qcfg.scheme != "int4":
         raise ValueError(f"quantize() needs scheme int4, got {qcfg.scheme!r}")
+    if tied:
+        check_tied(qcfg)
     names = quantized_names(state, qcfg, tied)
     for n in names:  # fail before doing any work
         src = "embed_tokens.weight" if (tied and n == "lm_head.weight") else n
         shape = state.shapes[src] if hasattr(state, "shapes") else tuple(state[src].shape)
-        _check_divisible(n, shape[1], qcfg.group_size)
+        if precision_of(n, qcfg, tied) == "int4":
+            _check_divisible(n, shape[1], qcfg.group_size)
     weights: dict[str, QuantizedWeight] = {}
     for i, n in enumerate(names):
         if tied and n == "lm_head.weight":
             weights[n] = weights["embed_tokens.weight"]
         else:
             weights[n] = quantize_weight(state[n], qcfg.group_size, qcfg.symmetric, qcfg.scale_search,
-                                         importance=_importance(state, n), name=n)
+                                         importance=_importance(state, n), name=n,
+                                         bits=BITS[precision_of(n, qcfg, tied)])
         if progress is not None:
             progress(i + 1, len(names))
     return Quantization(qcfg, weights)

@@ -29,14 +29,23 @@ DEFAULT_RECIPE = "smollm2-135m"
 
 
 
+PRECISIONS = ("int4", "int8", "float")  # per tensor: 4-bit groups, 8-bit per row, or unquantized
+
+
 @dataclass
 class QuantConfig:
-    """The shared 4-bit quantization every target carries (see edgellm.quantization)."""
+    """The shared quantization every target carries (see edgellm.quantization), with a
+    precision per tensor: ``linears`` (q/k/v/o, gate/up/down), ``embedding`` and ``head``
+    (None = the embedding's; a tied embedding/head is one tensor, so they must agree), and
+    ``overrides`` mapping name globs (``layers.0.*``) to a precision, later entries winning."""
 
-    scheme: str = "int4"  # int4 | none
-    group_size: int = 32
-    embedding_bits: int | None = 4  # 4 = embedding quantized too, None = kept float
-    symmetric: bool = True
+    scheme: str = "int4"  # int4 (= quantized, with the precisions below) | none
+    group_size: int = 32  # int4 groups along the input features
+    linears: str = "int4"
+    embedding: str = "int4"
+    head: str | None = None
+    overrides: dict[str, str] = field(default_factory=dict)
+    symmetric: bool = True  # int4 only: 8-bit codes are always symmetric (XNNPACK qc8w)
     scale_search: bool = True  # error-minimizing per-group scale instead of max-abs
 
     def __post_init__(self):
@@ -45,11 +54,43 @@ class QuantConfig:
         group = checks.integer(self.group_size, "quantization.group_size", 2, 4096)
         if group % 2:
             raise RecipeError(f"quantization.group_size must be a positive even number, got {self.group_size}")
-        if self.embedding_bits not in (None, 4) or isinstance(self.embedding_bits, bool):
-            raise RecipeError(f"quantization.embedding_bits must be 4 or null, got {self.embedding_bits}")
+        for name in ("linears", "embedding") + (("head",) if self.head is not None else ()):
+            _check_precision(getattr(self, name), f"quantization.{name}", allow_float=name != "linears")
+        if not isinstance(self.overrides, dict):
+            raise RecipeError(f"quantization.overrides must be a mapping of tensor-name globs to "
+                              f"{' | '.join(PRECISIONS)}, got {self.overrides!r}")
+        for pattern, precision in self.overrides.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise RecipeError(f"quantization.overrides keys must be tensor-name globs such as 'layers.0.*', "
+                                  f"got {pattern!r}")
+            _check_precision(precision, f"quantization.overrides[{pattern!r}]")
         for name in ("symmetric", "scale_search"):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(f"quantization.{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def head_precision(self) -> str:
+        return self.head if self.head is not None else self.embedding
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        """Validated construction; also reads manifests written before per-tensor precision
+        (``embedding_bits: 4 | null``)."""
+        data = dict(data)
+        if "embedding_bits" in data:
+            bits = data.pop("embedding_bits")
+            if bits not in (None, 4) or isinstance(bits, bool):
+                raise RecipeError(f"quantization.embedding_bits must be 4 or null, got {bits!r} "
+                                  f"(or use embedding: int4 | int8 | float)")
+            data.setdefault("embedding", "int4" if bits == 4 else "float")
+        _check_keys("quantization", data, _QUANT_FIELDS)
+        return cls(**data)
+
+
+def _check_precision(value, where: str, allow_float: bool = True):
+    valid = PRECISIONS if allow_float else PRECISIONS[:2]
+    if value not in valid:
+        raise RecipeError(f"{where} must be one of {', '.join(valid)}, got {value!r}")
 
 
 @dataclass
@@ -79,7 +120,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "path"}
-        d["quantization"] = vars(self.quantization).copy()
+        d["quantization"] = copy.deepcopy(vars(self.quantization))
         return d
 
 
@@ -132,7 +173,7 @@ def _parse_recipe(data: dict[str, Any], origin: str) -> Recipe:
                     {"vocab_size", "dim", "n_layers", "n_heads", "hidden_dim"})
     if data.get("rope") is not None:
         _check_keys(f"{origin}: rope", data["rope"], _ROPE_FIELDS)
-    _check_keys(f"{origin}: quantization", data["quantization"], _QUANT_FIELDS)
+    _check_keys(f"{origin}: quantization", data["quantization"], _QUANT_FIELDS | {"embedding_bits"})
     tok = data["tokenizer"]
     _check_keys(f"{origin}: tokenizer", tok, {"source", "asset", "path"}, {"source"})
     if tok["source"] not in _TOKENIZER_SOURCES:
@@ -153,7 +194,7 @@ def _parse_recipe(data: dict[str, Any], origin: str) -> Recipe:
             or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in data["eos_ids"])):
         raise RecipeError(f"{origin}: eos_ids must be a non-empty list of integers")
     try:
-        quant = QuantConfig(**data["quantization"])
+        quant = QuantConfig.from_dict(data["quantization"])
     except RecipeError as e:
         raise RecipeError(f"{origin}: {e}") from None
     recipe = Recipe(

@@ -201,6 +201,11 @@ def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | Non
         f"{available / 2**30:.1f} GiB is available; {hint}, or pass --skip-memory-check to try anyway")
 
 
+def _precisions(qcfg) -> set[str]:
+    """Every precision a quantization config can give a tensor."""
+    return {qcfg.linears, qcfg.embedding, qcfg.head_precision, *qcfg.overrides.values()}
+
+
 def resolve_targets(names: list[str] | str, loaded: LoadedModel | None = None) -> list[Target]:
     """Targets by name; ``all`` = the recipe's ``targets`` (every registered target if it names none)."""
     names = [names] if isinstance(names, str) else list(names)
@@ -232,8 +237,14 @@ def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant:
         loaded = resolve_model(checkpoint, recipe, max_seq_len=max_seq_len, seed=seed, n_layers=n_layers)
         progress(f"{loaded.recipe.name}: weights from {loaded.origin}")
     chosen = resolve_targets(targets, loaded)
+    asked = _precisions(loaded.recipe.quantization) if quant != "none" else set()
     for t in chosen:
         t.flavour(flavour)
+        missing = sorted(asked - t.precisions)
+        if missing:
+            raise EdgeLLMError(f"target {t.name} cannot carry {', '.join(missing)} weights (it carries "
+                               f"{', '.join(sorted(t.precisions))}); change quantization in the recipe or "
+                               f"choose another target")
     if memory_check:
         check_memory(loaded, chosen)
     loaded.tokenizer()  # resolved (and checked against the vocabulary) now, written with each artifact

@@ -9,6 +9,7 @@ import torch
 
 from edgellm.quantization import (
     Quantization,
+    QuantizedWeight,
     apply_reference,
     fake_quantize_activation,
     quantize,
@@ -128,11 +129,11 @@ def test_quantize_smollm2_structure(smollm2, smollm2_quant):
         assert _scale_exact(qw.scales)
 
 
-def test_tied_without_embedding_bits_quantizes_neither():
+def test_tied_float_embedding_quantizes_neither():
     state = {"embed_tokens.weight": torch.randn(32, 64), "layers.0.mlp.up_proj.weight": torch.randn(16, 64)}
-    q = quantize(state, QuantConfig(embedding_bits=None), tied=True)
+    q = quantize(state, QuantConfig(embedding="float"), tied=True)
     assert set(q.weights) == {"layers.0.mlp.up_proj.weight"}
-    q = quantize(state, QuantConfig(embedding_bits=None), tied=False)  # untied: no lm_head in state here
+    q = quantize(state, QuantConfig(embedding="float"), tied=False)  # untied: no lm_head in state here
     assert "embed_tokens.weight" not in q.weights
 
 
@@ -217,7 +218,7 @@ def test_fake_quant_matches_torchao_8da4w_linear():
     lin.weight.data = qw.dequantize()  # exactly on our grid
     ours = torch.nn.Linear(128, 48, bias=False)
     ours.weight.data = lin.weight.data.clone()
-    q = Quantization(QuantConfig(embedding_bits=None), {"weight": qw})
+    q = Quantization(QuantConfig(embedding="float"), {"weight": qw})
     apply_reference(ours, q, activations=True)
 
     ao = torch.nn.Linear(128, 48, bias=False)
@@ -253,3 +254,76 @@ def test_fake_quantize_activation_is_per_token_int8():
         assert levels.numel() <= 256
         step = (x[0, t].max() - x[0, t].min()) / 255
         assert (y[0, t] - x[0, t]).abs().max() <= step * 0.51 + 1e-6
+
+
+# ---- per-tensor precision (int4 / int8 / float) ----
+
+def test_int8_format_per_row_symmetric():
+    w = _rand_weight(24, 96)
+    qw = quantize_weight(w, 32, symmetric=False, bits=8)  # 8-bit ignores the int4 group and symmetry
+    assert qw.bits == 8 and qw.symmetric and qw.group_size == 96 and tuple(qw.scales.shape) == (24, 1)
+    assert qw.codes.dtype == torch.int8 and int(qw.codes.min()) >= -128 and int(qw.codes.max()) <= 127
+    assert _scale_exact(qw.scales) and qw.nbytes() == 24 * 96 + 24 * 2
+    err8 = _sse(qw, w).sum()
+    err4 = _sse(quantize_weight(w, 32), w).sum()
+    assert err8 < err4 / 50, (err8, err4)  # 16x finer steps: ~256x less squared error
+
+
+def test_precision_of_kinds_and_overrides():
+    from edgellm.quantization import precision_of
+
+    c = QuantConfig(linears="int4", embedding="int8", head="float",
+                    overrides={"layers.0.*": "int8", "layers.0.mlp.down_proj.weight": "float"})
+    assert precision_of("layers.1.self_attn.q_proj.weight", c) == "int4"
+    assert precision_of("layers.0.self_attn.q_proj.weight", c) == "int8"
+    assert precision_of("layers.0.mlp.down_proj.weight", c) == "float"  # later patterns win
+    assert precision_of("embed_tokens.weight", c) == "int8"
+    assert precision_of("lm_head.weight", c) == "float"
+    assert precision_of("lm_head.weight", c, tied=True) == "int8"  # a tied head is the embedding
+    assert precision_of("layers.0.input_layernorm.weight", c) == "float"
+
+
+def test_mixed_precision_quantization_and_digest():
+    state = {"embed_tokens.weight": _rand_weight(32, 64), "layers.0.mlp.up_proj.weight": _rand_weight(16, 64),
+             "layers.1.mlp.up_proj.weight": _rand_weight(16, 64)}
+    cfg = QuantConfig(embedding="int8", overrides={"layers.1.*": "int8"})
+    q = quantize(state, cfg, tied=True)
+    bits = {n: qw.bits for n, qw in q.weights.items()}
+    assert bits == {"embed_tokens.weight": 8, "lm_head.weight": 8, "layers.0.mlp.up_proj.weight": 4,
+                    "layers.1.mlp.up_proj.weight": 8}
+    assert q.weights["lm_head.weight"] is q.weights["embed_tokens.weight"]
+    s = q.summary()
+    assert s["precisions"] == {"int8": 2, "int4": 1} and s["embedding"] == "int8" and s["head"] == "int8"
+    assert s["sha256"] == quantize(state, cfg, tied=True).summary()["sha256"]
+    assert s["sha256"] != quantize(state, QuantConfig(), tied=True).summary()["sha256"]
+    # an int8 tensor whose codes happen to fit 4 bits still digests differently from int4
+    qw4 = quantize_weight(state["layers.0.mlp.up_proj.weight"], 64)
+    a = Quantization(QuantConfig(), {"x": qw4}).summary()["sha256"]
+    qw8 = QuantizedWeight(qw4.codes, qw4.scales, None, 64, bits=8)
+    assert Quantization(QuantConfig(), {"x": qw8}).summary()["sha256"] != a
+
+
+def test_tied_head_must_match_embedding():
+    state = {"embed_tokens.weight": _rand_weight(32, 64)}
+    for cfg in (QuantConfig(embedding="int8", head="int4"), QuantConfig(overrides={"lm_head.weight": "int8"})):
+        with pytest.raises(ValueError, match="ties its embedding and head"):
+            quantize(state, cfg, tied=True)
+    quantize({**state, "lm_head.weight": _rand_weight(32, 64)}, QuantConfig(embedding="int8", head="int4"),
+             tied=False)  # untied: two tensors, two precisions
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("linears", "float", "linears must be one of int4, int8"), ("embedding", "int2", "embedding must be one of"),
+    ("head", 8, "head must be one of"), ("overrides", ["layers.0.*"], "overrides must be a mapping"),
+    ("overrides", {"layers.0.*": "int3"}, "overrides"), ("overrides", {"": "int8"}, "globs"),
+])
+def test_precision_fields_validated(field, value, match):
+    from edgellm.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=match):
+        QuantConfig(**{field: value})
+
+
+def test_legacy_embedding_bits_reads_as_embedding():
+    assert QuantConfig.from_dict({"embedding_bits": 4}).embedding == "int4"
+    assert QuantConfig.from_dict({"embedding_bits": None}).embedding == "float"
