@@ -29,6 +29,8 @@ def parser() -> cli.Parser:
                                      "onnx fast|portable (default fast), coreml fp16")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (recipes without a checkpoint)")
     p.add_argument("--n-layers", type=int, help="truncate the depth (dry runs of big recipes)")
+    p.add_argument("--jobs", type=int, help="targets lowered at once, each in its own process (default: one per "
+                                            "idle core, as many as memory allows; 1 = one after the other)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="export even if the estimated peak memory exceeds what this machine has available")
     cli.add_common_flags(p)
@@ -49,7 +51,7 @@ def export_command(args: argparse.Namespace, term: cli.Terminal) -> int:
         results = run_export(args.target, recipe=args.recipe, checkpoint=args.checkpoint, quant=args.quant,
                              max_seq_len=args.max_seq_len, out=args.out, flavour=args.flavour,
                              seed=args.seed, n_layers=args.n_layers, progress=progress,
-                             memory_check=not args.skip_memory_check)
+                             memory_check=not args.skip_memory_check, jobs=args.jobs)
     table = Table(title=f"exported in {time.time() - t0:.1f}s")
     for col in ("target", "artifact", "size MB"):
         table.add_column(col)

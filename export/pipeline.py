@@ -7,6 +7,7 @@ writes its files through ``job.writer()`` (the one artifact contract).
 
 from __future__ import annotations
 
+import pickle
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from edgellm.memory import available_bytes, peak_rss_mb, reset_peak_rss
 from edgellm.model import LoadedModel, resolve_model
 from edgellm.quantization import Quantization, apply_reference, quantize
 from edgellm.rope import frozen_note
+from edgellm.workers import cores, run_jobs
 from export import targets as target_registry
 from export import transforms
 from export.targets import Flavour, Target
@@ -221,11 +223,14 @@ def resolve_targets(names: list[str] | str, loaded: LoadedModel | None = None) -
 def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant: str | None = None,
                max_seq_len: int | None = None, out: str | Path = "out", flavour: str | None = None,
                seed: int = 0, n_layers: int | None = None, progress=print, loaded: LoadedModel | None = None,
-               quantization: Quantization | None = None, memory_check: bool = True) -> dict[str, Path]:
+               quantization: Quantization | None = None, memory_check: bool = True,
+               jobs: int | None = None) -> dict[str, Path]:
     """Export to each target from one load and one quantization; returns {target: artifact dir}.
 
     ``loaded``/``quantization`` let callers (tests, benches) reuse an already computed model
-    and quantization instead of recomputing them.
+    and quantization instead of recomputing them. ``jobs``: targets lowered at once, each in a
+    worker process (None = as many as idle cores and memory allow, see ``export_workers``);
+    only when this call resolves the model itself, so a worker can resolve it again.
     """
     shared: dict[str, dict[str, float]] = {}
     # Everything that can be wrong with the request is found before any heavy work.
@@ -233,8 +238,12 @@ def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant:
         raise EdgeLLMError(f"quant {quant!r} is not supported; use int4 or none")
     resolve_targets(targets)
     checks.output_dir(out)
+    if jobs is not None:
+        checks.integer(jobs, "--jobs", 1, 64, fix="targets lowered at once, each in its own process")
+    request = None
     if loaded is None:
-        loaded = resolve_model(checkpoint, recipe, max_seq_len=max_seq_len, seed=seed, n_layers=n_layers)
+        request = dict(checkpoint=checkpoint, recipe=recipe, max_seq_len=max_seq_len, seed=seed, n_layers=n_layers)
+        loaded = resolve_model(**request)
         progress(f"{loaded.recipe.name}: weights from {loaded.origin}")
     chosen = resolve_targets(targets, loaded)
     asked = _precisions(loaded.recipe.quantization) if quant != "none" else set()
@@ -256,11 +265,65 @@ def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant:
         with measured_stage("load+quantize", progress) as shared["load+quantize"]:
             quantization = quantize_for(loaded, quant, progress)
         owned = True
+    workers = export_workers(jobs, loaded, chosen, quantization) if request is not None else 1
+    if workers > 1:
+        progress(f"lowering {len(chosen)} targets in {workers} worker processes")
+        data = pickle.dumps(quantization, protocol=pickle.HIGHEST_PROTOCOL)
+        order = sorted(chosen, key=lambda t: -t.relative_cost)  # the longest first
+        root = Path(out)
+        made = [p for p in (root, *root.parents) if not p.exists()]  # made here, so removed here on failure
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            paths = run_jobs(_lower_in_worker, [(request, t.name, flavour, str(out), data, shared) for t in order],
+                             workers, progress)
+        except BaseException:
+            for p in made:  # innermost first, once each worker has removed its own temp folder
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+            raise
+        done = dict(zip((t.name for t in order), paths))
+        return {t.name: done[t.name] for t in chosen}
     results = {}
     for i, target in enumerate(chosen):
-        t = time.time()
-        job = ExportJob(loaded, quantization, Path(out), target, flavour, progress, stages=dict(shared),
-                        last_use=owned and i == len(chosen) - 1)
-        results[target.name] = target.lower(job)
-        progress(f"{target.name}: wrote {results[target.name]} in {time.time() - t:.1f}s")
+        results[target.name] = _lower(ExportJob(loaded, quantization, Path(out), target, flavour, progress,
+                                                stages=dict(shared), last_use=owned and i == len(chosen) - 1))
     return results
+
+
+def _lower(job: ExportJob) -> Path:
+    t = time.time()
+    path = job.target.lower(job)
+    job.progress(f"{job.target.name}: wrote {path} in {time.time() - t:.1f}s")
+    return path
+
+
+def _lower_in_worker(request: dict, target: str, flavour: str | None, out: str, quantization: bytes,
+                     shared: dict, progress) -> Path:
+    """One target in a worker process (``edgellm.workers``): the model re-resolved lazily from the
+    same request, the parent's quantization unpickled (bit for bit the one computed once)."""
+    loaded = resolve_model(**request)
+    quant = pickle.loads(quantization)
+    return _lower(ExportJob(loaded, quant, Path(out), target_registry.get(target), flavour, progress,
+                            stages=dict(shared), last_use=quant is not None))
+
+
+def export_workers(jobs: int | None, loaded: LoadedModel, chosen: list[Target],
+                   quantization: Quantization | None, available: int | None = None) -> int:
+    """How many targets to lower at once: ``jobs`` if given, else one per idle core, as many as
+    the machine's memory holds side by side (each worker has its own copy of the quantization);
+    1 = in this process, one after the other (what a 7B gets on a 24 GiB machine)."""
+    if jobs is not None:
+        return max(1, min(jobs, len(chosen)))
+    n = min(len(chosen), cores())
+    if n < 2:
+        return 1
+    available = available_bytes() if available is None else available
+    if available is None:
+        return 1
+    quant_bytes = quantization.summary()["bytes"] if quantization is not None else 0
+    peaks = sorted((estimated_peak_bytes(loaded.config, t) + quant_bytes for t in chosen), reverse=True)
+    while n > 1 and sum(peaks[:n]) > 0.8 * available:
+        n -= 1
+    return n

@@ -18,6 +18,7 @@ class CoreML(Target):
     # read-back of _reconvert; it was 17.0 GB while the shared quantization stayed resident), i.e.
     # (11.6 - 0.6 base - 1.7 transient) / 6.9 = 1.35. The KV cache is counted but not resident.
     bytes_per_parameter = 1.4
+    relative_cost = 1.6
     holds_cache = True
 
     def lower(self, job):
