@@ -96,46 +96,21 @@ def cmd_generate(args) -> int:
 def cmd_parity(args) -> int:
     checks.integer(args.steps, "--steps", 1, fix="the number of greedy steps compared after each prompt")
     checks.integer(args.text_tokens, "--text-tokens", 2, fix="perplexity needs at least 2 tokens")
+    if args.jobs is not None:
+        checks.integer(args.jobs, "--jobs", 1, 64, fix="artifacts compared at once, each in its own process")
     if args.text:
         checks.input_file(args.text, "--text")
     if args.text and args.no_text:
         raise EdgeLLMError("--text and --no-text contradict each other; give one")
     if not args.reference and all(_is_eager(s) for s in args.specs):
         raise EdgeLLMError("every candidate is eager: give --reference SPEC to compare them with")
-    import runtime
     from edgellm.artifact import read_manifest
     from edgellm.assets import fetch
-    from runtime.backends.eager import EagerBackend
-    from runtime.parity import merge_reports, problems, run_parity
+    from runtime.parity import merge_reports, problems
+    from runtime.parity.session import compare_all
 
     console = _console()
     manifests = {s: read_manifest(s) for s in args.specs if not _is_eager(s)}
-    candidates = {}
-    for s in args.specs:
-        with console.status(f"loading {s}"):
-            candidates[s] = _backend(s, args)
-    if args.reference:
-        def reference(_scheme):
-            with console.status(f"loading reference {args.reference}"):
-                return runtime.load(args.reference)
-        groups = {None: candidates}
-    elif manifests:
-        # Each int4 artifact is compared with the eager model carrying the same quantization AND
-        # the same int8 activation arithmetic its runtime applies (weight-only when it applies none).
-        # One reference is alive at a time (each is an fp32 copy of the model); the checkpoint
-        # and the quantization are read and computed once.
-        first = next(iter(manifests.values()))
-        groups = {}
-        for s, be in candidates.items():
-            groups.setdefault(be.capabilities.activation_scheme, {})[s] = be
-        shared: dict = {}
-
-        def reference(scheme):
-            with console.status(f"rebuilding the eager reference ({scheme or 'no activation quantization'}) "
-                                f"from the artifact manifest"):
-                ref = EagerBackend.reference_for(first, activations=scheme or False, **shared)
-                shared.update(loaded=ref.loaded, quantization=ref.quantization)
-                return ref
     text = None
     if not args.no_text:
         if args.text:
@@ -147,15 +122,12 @@ def cmd_parity(args) -> int:
                 raise EdgeLLMError(f"--text {args.text} is empty; give a text to score perplexity on")
         else:
             text = fetch("us-constitution.txt").read_text()
-    reports = []
-    for scheme, group in groups.items():
-        ref = reference(scheme)
-        with TERM.activity(console) as progress:
-            reports.append(run_parity(group, ref, steps=args.steps, text=text, text_tokens=args.text_tokens,
-                                      with_noise_floor=ref.capabilities.activation_scheme is not None,
-                                      progress=progress))
-        del ref
-    report = merge_reports(reports, order=list(candidates))
+    # Each int4 artifact is compared with the eager model carrying the same quantization AND the
+    # same int8 activation arithmetic its runtime applies (weight-only when it applies none).
+    with TERM.activity(console) as progress:
+        reports = compare_all(list(args.specs), args.reference, jobs=args.jobs, threads=args.threads,
+                              steps=args.steps, text=text, text_tokens=args.text_tokens, progress=progress)
+    report = merge_reports(reports, order=list(args.specs))
     console.print(report.table())
     if args.json:
         report.save_json(args.json)
@@ -261,6 +233,8 @@ def parser() -> cli.Parser:
     q.add_argument("--json")
     q.add_argument("--plot")
     q.add_argument("--threads", type=int)
+    q.add_argument("--jobs", type=int, help="artifacts compared at once, each group in its own process (default: "
+                                            "one per core, as many as memory allows; 1 = in this process)")
     q.set_defaults(fn=cmd_parity)
 
     b = sub.add_parser("bench", help="prefill/decode speed")

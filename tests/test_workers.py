@@ -137,3 +137,22 @@ def test_sigint_during_a_parallel_export_exits_130_and_leaves_nothing(tmp_path):
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[")]
     assert len(lines) == 1 and "interrupted" in lines[0], err
     assert not out.exists(), list(out.rglob("*"))
+
+
+def test_parity_split_over_workers_gives_the_figures_of_one_process(export_artifact):
+    """Each worker rebuilds its reference from the same manifest: the same rows, whatever the split."""
+    from runtime.parity.session import compare_all, split
+
+    specs = [str(export_artifact("executorch", "tiny", "int4", "portable")), str(export_artifact("onnx", "tiny", "int4"))]
+    assert split(specs, 2) == [[specs[0]], [specs[1]]] and split(specs, 1) == [specs]
+    lines = []
+    kw = dict(steps=4, text="We the People of the United States, in Order to form a more perfect Union, " * 4,
+              text_tokens=48, threads=1)
+    par = compare_all(specs, jobs=2, progress=lines.append, **kw)
+    assert any("in 2 worker processes" in line for line in lines), lines
+    seq = compare_all(specs, jobs=1, progress=lambda s: None, **kw)
+
+    def figures(reports):
+        return [{k: v for k, v in vars(row).items() if k != "seconds"} for rep in reports for row in rep.rows]
+
+    assert figures(par) == figures(seq) and len(figures(seq)) == 2
