@@ -19,6 +19,9 @@ class CoreML(Target):
     # (11.6 - 0.6 base - 1.7 transient) / 6.9 = 1.35. The KV cache is counted but not resident.
     bytes_per_parameter = 1.4
     holds_cache = True
+    # int4 blockwise (block = the group) and int8 per row (block = the row): both one
+    # constexpr_blockwise_shift_scale over the shared codes; float weights stay fp16 constants
+    precisions = frozenset({"int4", "int8", "float"})
 
     def lower(self, job):
         return lowering.lower(job)
