@@ -47,8 +47,9 @@ Choices, and why:
 - K/V heads are expanded with ``expand`` (a tile in MIL); folding them cannot take a dynamic
   query length through torch.export.
 - Embedding: quantized like every other weight, at its own precision (it is tied to the output
-  head in SmolLM2, so one int4 or int8 constexpr serves the gather and the head). RoPE cos/sin tables and norm weights stay
-  fp16 constants (small, and quantizing them would change the math the reference computes).
+  head in SmolLM2, so one int4 or int8 constexpr serves the gather and the head). RoPE cos/sin
+  tables and norm weights stay fp16 constants (small, and quantizing them would change the math
+  the reference computes).
 """
 
 from __future__ import annotations
@@ -333,7 +334,6 @@ class QuantizedWeights:
 
     def _replace(self, block, op, key, name, q, done, order):
         from coremltools.converters.mil.mil import Builder as mb
-        from coremltools.converters.mil.mil import types
         from coremltools.converters.mil.mil.scope import ScopeInfo
 
         val = op.outputs[0].val
@@ -358,7 +358,7 @@ class QuantizedWeights:
                 self.replaced[new.name] = name
                 self.counts[tag] = self.counts.get(tag, 0) + 1
                 del data, kw, scales
-                if self.release:  # the program now holds its own copy (codes + fp16 scales)
+                if self.release:  # the program now holds the codes (int4: its copy; int8: the tensor) + fp16 scales
                     q.release()
             block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=done[id(q)])
             block.remove_ops([op])
