@@ -4,13 +4,16 @@ No Apple runtime runs on Linux, so the *saved* ``.mlpackage`` is executed here o
 MIL program is loaded back from the package's spec and weight blobs with coremltools' own
 milproto loader, then every op of ``main`` is evaluated with a small numpy kernel written
 from the MIL op definitions — including the states (``read_state`` /
-``coreml_update_state``) and the int4 ``constexpr_blockwise_shift_scale`` weights. An op
+``coreml_update_state``) and the int4/int8 ``constexpr_blockwise_shift_scale`` weights. An op
 without a kernel is an error naming it, never a silent fallback.
 
 Precision emulated: every tensor between ops has the dtype the program declares (fp16 for
 the fp16 ops, fp32 where the program keeps fp32, fp16 states); each op computes in fp32 from
 its inputs and rounds once to its output dtype (fp32 accumulation, as Core ML's GPU/CPU
-matmuls do). constexpr weights are materialized once as fp16(scale * (codes - offset)).
+matmuls do). constexpr weights are materialized once as fp16(scale * (codes - offset)), which is
+exact: int4/int8 codes (and offsets) are exact in fp32, and an fp16 scale (11 significant bits)
+times an integer below 2^9 has at most 20, so the one rounding is the final cast to fp16 — the
+value the op defines (int4 per block, int8 per row alike).
 It is slow by design (single-threaded numpy), but it executes exactly the program that ships.
 """
 
@@ -244,7 +247,7 @@ class MILInterpreter:
         self.plan = plan
         used = {r for _, _, ins, _, _ in plan for v in ins.values() for r in (v if isinstance(v, list) else [v])}
         used.update(o.name for o in self.fn.outputs)
-        self.consts = {k: v for k, v in self.consts.items() if k in used}  # drop int4 codes once materialized
+        self.consts = {k: v for k, v in self.consts.items() if k in used}  # drop the codes once materialized
         self.outputs = [v.name for v in self.fn.outputs]
         # Each step's constant inputs are looked up once here, not on every call (the per-op
         # lookups were a tenth of a decode step): (kind, ins, out, dtype, constants, live, lists).

@@ -198,3 +198,118 @@ def test_interpreter_tile_is_numpy_tile(shape, reps):
     got = np.asarray(KERNELS["tile"]({"x": x, "reps": np.asarray(reps, np.int32)}))
     want = np.tile(x, reps)
     assert got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got, want)
+
+
+# ---- int8 weights (per-row blockwise constexprs) and mixed int4/int8 configs, on tiny models ----
+
+_TINY_HF = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256,
+            "max_position_embeddings": 256, "rope_theta": 10000.0}
+INT8_CASES = {  # name -> (tied?, quantization fields)
+    "embedding-int8": (False, {"embedding": "int8"}),  # linears int4, embedding and head int8
+    "linears-int8": (False, {"linears": "int8"}),  # embedding and head stay int4
+    "tied-int8-layer1-int8": (True, {"embedding": "int8", "overrides": {"layers.1.*": "int8"}}),
+}
+
+
+def _with_quantization(loaded, **fields):
+    """``loaded`` with its recipe's quantization changed (the export reads the recipe's)."""
+    import dataclasses
+
+    q = dataclasses.replace(loaded.recipe.quantization, **fields)
+    return dataclasses.replace(loaded, recipe=dataclasses.replace(loaded.recipe, quantization=q))
+
+
+@pytest.fixture(scope="module")
+def int8_models(tiny):
+    out = {}
+    for case, (tied, fields) in INT8_CASES.items():
+        base = model_from_hf_config({**_TINY_HF, "tie_word_embeddings": True}) if tied else tiny
+        out[case] = _with_quantization(base, **fields)
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_exports(int8_models, export_artifact):
+    """{case: (loaded, its shared quantization, artifact dir)}: one export per case."""
+    from export.pipeline import quantize_for
+
+    out = {}
+    for case, loaded in int8_models.items():
+        q = quantize_for(loaded, progress=lambda s: None)
+        out[case] = (loaded, q, export_artifact("coreml", model=loaded, quantization=q))
+    return out
+
+
+@pytest.mark.parametrize("case", list(INT8_CASES))
+def test_int8_codes_and_scales_read_back_bit_for_bit(case, int8_exports):
+    """Every quantized tensor (int8 and int4) is one constexpr_blockwise_shift_scale whose codes
+    and fp16 scales, read back from weight.bin, equal the shared quantization exactly; int8 ones
+    are stored as INT8 with one scale per row, and a tied embedding/head is one constexpr."""
+    from export.targets.coreml.lowering import _weight_key
+    from runtime.inspect import inspect_artifact, read_blockwise_weights
+
+    loaded, quant, art = int8_exports[case]
+    tied, fields = INT8_CASES[case]
+    blobs = read_blockwise_weights(art / "model.mlpackage")
+    by_key = {k.replace(".", "_"): q for k, q in quant.weights.items()}
+    seen: dict[int, str] = {}
+    for name, b in blobs.items():
+        stem, _, tag = name.rpartition("_")
+        q = by_key[_weight_key(stem)]
+        assert tag == q.precision, f"{name} carries an {q.precision} weight"
+        np.testing.assert_array_equal(b["data"], q.codes.numpy(), err_msg=name)
+        np.testing.assert_array_equal(b["scale"].astype(np.float32), q.scales.numpy(), err_msg=name)
+        assert b["scale"].dtype == np.float16 and "offset" not in b
+        if q.bits == 8:
+            assert b["scale"].shape == (q.shape[0], 1)  # per row: one block the row's length
+        assert id(q) not in seen, f"{name} and {seen.get(id(q))} hold one tensor twice"
+        seen[id(q)] = name
+    assert set(seen) == {id(q) for q in quant.weights.values()}, "a quantized tensor has no constexpr"
+    bits = {n: q.bits for n, q in quant.weights.items()}
+    assert 8 in bits.values() and 4 in bits.values()  # every case mixes the two
+    if tied:
+        assert quant.weights["lm_head.weight"] is quant.weights["embed_tokens.weight"]
+        assert bits["layers.1.mlp.down_proj.weight"] == 8 and bits["layers.0.mlp.down_proj.weight"] == 4
+    # stored widths: every int8 code is one INT8 element of the blob, every int4 code an INT4 one
+    elements = inspect_artifact(art)["functions"]["main"]["weight_elements"]
+    unique = {id(q): q for q in quant.weights.values()}.values()
+    for bits_, dt in ((8, "INT8"), (4, "INT4")):
+        want = sum(q.shape[0] * q.shape[1] for q in unique if q.bits == bits_)
+        assert elements.get(dt, 0) == want, (dt, elements)
+
+
+@pytest.mark.parametrize("case", list(INT8_CASES))
+def test_int8_interpreter_matches_weight_only_eager(case, int8_exports):
+    """Prefill 16 + 32 teacher-forced decode steps in the MIL interpreter vs the eager
+    weight-only reference of the same quantization (Core ML quantizes no activations)."""
+    loaded, quant, art = int8_exports[case]
+    cand, ref = _interp(art), _eager(loaded, quant)
+    st = teacher_forced(cand, ref, _ids(16 + N_DECODE + 1, loaded.config.vocab_size), prompt_len=16)
+    print(f"coreml {case}: max rel {st.max_rel:.2e}, max |Δ| {st.max_abs_all:.2e}")
+    assert st.max_rel <= REL_BOUND, f"max |Δlogit|/max|logit| {st.max_rel:.3e} > {REL_BOUND}"
+
+
+def test_int8_interpreter_materializes_weights_exactly(int8_exports):
+    """The interpreter's int8 constexpr values are fp16(scale · code) of the shared quantization,
+    bit for bit, and equal coremltools' own decompression of the op."""
+    from coremltools.converters.mil.mil.ops.defs.iOS18 import constexpr_blockwise_shift_scale as op
+    from export.targets.coreml.lowering import _weight_key
+    from runtime.mil_interpreter import KERNELS, MILInterpreter
+
+    loaded, quant, art = int8_exports["embedding-int8"]
+    interp = MILInterpreter(art / "model.mlpackage")
+    by_key = {k.replace(".", "_"): q for k, q in quant.weights.items()}
+    checked = 0
+    for name, val in interp.consts.items():
+        if not name.endswith("_int8"):
+            continue
+        q = by_key[_weight_key(name[: -len("_int8")])]
+        codes, scales = q.codes.numpy(), q.scales.numpy().astype(np.float16)
+        want = (q.dequantize().numpy()).astype(np.float16)
+        assert np.array_equal(val.astype(np.float16), want), name
+        assert np.array_equal(op.decompress(codes, scales, None).astype(np.float16), want), name
+        got = KERNELS["constexpr_blockwise_shift_scale"]({"data": codes, "scale": scales})
+        assert np.array_equal(np.asarray(got).astype(np.float16), want), name
+        checked += 1
+    assert checked == 2  # embedding and (untied) head

@@ -20,6 +20,9 @@ class CoreML(Target):
     bytes_per_parameter = 1.4
     relative_cost = 1.6
     holds_cache = True
+    # int4 blockwise (block = the group) and int8 per row (block = the row): both one
+    # constexpr_blockwise_shift_scale over the shared codes; float weights stay fp16 constants
+    precisions = frozenset({"int4", "int8", "float"})
 
     def lower(self, job):
         return lowering.lower(job)

@@ -2,15 +2,21 @@
 
 ``lower(job)`` traces the flavour's decoder with torch.export (query length dynamic,
 1 … capacity-1), converts it with coremltools to an fp16 ML Program whose K/V caches are Core ML
-*states* (read and written in place on device), and, for int4, replaces every quantized weight
-constant by a ``constexpr_blockwise_shift_scale`` built from the shared quantization's own
-codes and fp16 scales (block 32 along the input dimension) — Core ML never re-quantizes.
+*states* (read and written in place on device), and replaces every quantized weight constant by
+a ``constexpr_blockwise_shift_scale`` built from the shared quantization's own codes and fp16
+scales — Core ML never re-quantizes. int4: int4 codes, one scale per block of ``group_size``
+(32) along the input dimension (asymmetric: uint4 codes and a uint4 offset per block). int8:
+int8 codes, one scale per row (scale shape [rows, 1]: one block the whole row, i.e. per output
+channel), no offset. Both are the iOS 18 op coremltools' own ``linear_quantize_weights`` emits
+(int4 per_block, int8 per_channel); float weights stay fp16 constants. Core ML quantizes no
+activations: the reference is the weight-only eager model.
 
 Memory: no fp32 or fp16 copy of the model exists at any point. The decoder is traced with its
 quantized weights allocated but never written (``weightless_decoder``), coremltools receives a
 stride-0 placeholder per quantized weight (``placeholder_weights``), and a pass of ours inside
-the conversion pipeline swaps each placeholder for its int4 codes just before the fp16 cast
-(``Int4Weights``). What remains is the program's codes (one byte each), one tensor's
+the conversion pipeline swaps each placeholder for its codes just before the fp16 cast
+(``QuantizedWeights``). What remains is the program's codes (one byte each, int4 or int8; an
+int8 constexpr holds the shared tensor itself, not a copy), one tensor's
 temporaries and, until each is swapped, the shared quantization: the run's last consumer of it
 (``job.last_use``) frees each shared weight once its constexpr exists (7B: 17.0 -> 11.6 GB). The artifact equals the one the former convert-fp16-then-
 swap lowering wrote (same program and weight blob, checked under a fixed PYTHONHASHSEED; since then
@@ -40,9 +46,10 @@ Choices, and why:
   coremltools' ``select`` with scalar branches drops the condition's dynamic shape.
 - K/V heads are expanded with ``expand`` (a tile in MIL); folding them cannot take a dynamic
   query length through torch.export.
-- Embedding: quantized like every other weight (it is tied to the output head in SmolLM2, so
-  one int4 tensor serves the gather and the head). RoPE cos/sin tables and norm weights stay
-  fp16 constants (small, and quantizing them would change the math the reference computes).
+- Embedding: quantized like every other weight, at its own precision (it is tied to the output
+  head in SmolLM2, so one int4 or int8 constexpr serves the gather and the head). RoPE cos/sin
+  tables and norm weights stay fp16 constants (small, and quantizing them would change the math
+  the reference computes).
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ from export.transforms import Transform
 
 PACKAGE = "model.mlpackage"
 FLAVOURS = (
-    Flavour("fp16", "iOS 18 fp16 ML Program, KV cache as Core ML states, int4 blockwise weights", (
+    Flavour("fp16", "iOS 18 fp16 ML Program, KV cache as Core ML states, int4/int8 blockwise weights", (
         Transform("cache_slice"), Transform("rope_rows_slice"), Transform("attention_expand_kv"),
         Transform("mask_arithmetic", {"value": -3e4}))),
 )
@@ -114,19 +121,19 @@ def _from_positions(op) -> bool:
     return id(op) in block._edgellm_pos_ops
 
 
-def convert(ep: torch.export.ExportedProgram, capacity: int, int4: "Int4Weights | None" = None,
+def convert(ep: torch.export.ExportedProgram, capacity: int, weights: "QuantizedWeights | None" = None,
             progress=print):
     """The fp16 ML Program (coremltools MLModel, not loaded) of a traced decoder in the fp16 flavour.
 
-    With ``int4``, the conversion runs coremltools' default pipeline with one pass of ours
-    (``edgellm::int4_weights``) inserted just before ``common::add_fp16_cast``: there each
-    placeholder weight const becomes the shared int4 codes, before any fp16 copy exists."""
+    With ``weights``, the conversion runs coremltools' default pipeline with one pass of ours
+    (``edgellm::quantized_weights``) inserted just before ``common::add_fp16_cast``: there each
+    placeholder weight const becomes the shared int4 or int8 codes, before any fp16 copy exists."""
     import coremltools as ct
 
     t = time.time()
     T = ct.RangeDim(lower_bound=1, upper_bound=capacity - 1, default=1)
     pipeline = ct.PassPipeline.DEFAULT
-    with _registered(int4) as pass_id, _deterministic_broadcast():
+    with _registered(weights) as pass_id, _deterministic_broadcast():
         if pass_id is not None:
             pipeline.insert_pass(pipeline.passes.index("common::add_fp16_cast"), pass_id)
         mlmodel = ct.convert(
@@ -140,7 +147,7 @@ def convert(ep: torch.export.ExportedProgram, capacity: int, int4: "Int4Weights 
             skip_model_load=True,
         )
     progress(f"coreml: converted to an fp16 ML Program in {time.time() - t:.1f}s")
-    if int4 is not None:
+    if weights is not None:
         mlmodel = _reconvert(mlmodel, progress)
     return mlmodel
 
@@ -281,7 +288,7 @@ def placeholder_weights(ep: torch.export.ExportedProgram, job) -> dict[str, tupl
     return placeholders
 
 
-class Int4Weights:
+class QuantizedWeights:
     """A MIL graph pass replacing each placeholder weight const by constexpr_blockwise_shift_scale.
 
     Runs right before ``common::add_fp16_cast``: each quantized weight const (still the fp32
@@ -289,8 +296,10 @@ class Int4Weights:
     scales), fp32)``; add_fp16_cast then casts it back to fp16 and ``cast_optimization`` drops
     the pair, so the consumer reads the constexpr directly: the program the old
     convert-then-swap produced, without the fp32 and fp16 copies of every weight. Codes are
-    produced one tensor at a time from the shared quantization (4 bits per code there, one byte
-    per code in the MIL program: coremltools' int4 numpy dtype is int8 with metadata).
+    produced one tensor at a time from the shared quantization (int4: 4 bits per code there, one
+    byte per code in the MIL program, coremltools' int4 numpy dtype being int8 with metadata;
+    int8: the stored codes, one byte each, handed over as they are). A tied embedding/head is
+    one QuantizedWeight, hence one constexpr read by both the gather and the head's linear.
 
     Each const is matched by name and checked to still be its own placeholder (same shape,
     stride 0, its key) read as a linear weight or a gather table, so a renamed, folded or
@@ -302,13 +311,14 @@ class Int4Weights:
         self.placeholders = placeholders
         self.release = release  # the run's last consumer: free each shared weight once it is a const
         self.replaced: dict[str, str] = {}  # constexpr name -> state-dict name
+        self.counts: dict[str, int] = {}  # precision (int4 | int8) -> constexprs made
 
     def __call__(self, prog):
         self.apply(prog)
 
     def set_options(self, options):
         if options:
-            raise ValueError("edgellm::int4_weights takes no options")
+            raise ValueError("edgellm::quantized_weights takes no options")
 
     def apply(self, prog):
         done: dict[int, object] = {}  # id(QuantizedWeight) -> its constexpr var (tied weights)
@@ -324,7 +334,6 @@ class Int4Weights:
 
     def _replace(self, block, op, key, name, q, done, order):
         from coremltools.converters.mil.mil import Builder as mb
-        from coremltools.converters.mil.mil import types
         from coremltools.converters.mil.mil.scope import ScopeInfo
 
         val = op.outputs[0].val
@@ -338,36 +347,55 @@ class Int4Weights:
         first = min(op.outputs[0].child_ops, key=lambda o: order[id(o)])  # where add_fp16_cast puts it
         with block, mb.scope(*[ScopeInfo(source=k, data=v) for k, v in op.scopes.items()]):
             if id(q) not in done:
-                codes = q.codes.numpy()
-                if q.zero_points is None:
-                    data, kw = codes.view(types.np_int4_dtype), {}
-                else:  # asymmetric: uint4 codes minus a uint4 offset per block
-                    data = codes.view(np.uint8).view(types.np_uint4_dtype)
-                    kw = {"offset": q.zero_points.numpy().astype(np.uint8).astype(types.np_uint4_dtype)}
+                data, kw = _constexpr_inputs(q, name)
                 scales = q.scales.numpy().astype(np.float16)
                 if not np.array_equal(scales.astype(np.float32), q.scales.numpy()):
                     raise ValueError(f"coreml: scales of {name} are not fp16-representable (quantization contract)")
-                new = mb.constexpr_blockwise_shift_scale(data=data, scale=scales, name=op.name + "_to_fp16_int4",
+                tag = q.precision  # int4 | int8: the op names say which
+                new = mb.constexpr_blockwise_shift_scale(data=data, scale=scales, name=f"{op.name}_to_fp16_{tag}",
                                                          before_op=first, **kw)
-                done[id(q)] = mb.cast(x=new, dtype="fp32", name=op.name + "_int4_fp32", before_op=first)
+                done[id(q)] = mb.cast(x=new, dtype="fp32", name=f"{op.name}_{tag}_fp32", before_op=first)
                 self.replaced[new.name] = name
-                del codes, data, kw, scales
-                if self.release:  # the program now holds its own copy (codes + fp16 scales)
+                self.counts[tag] = self.counts.get(tag, 0) + 1
+                del data, kw, scales
+                if self.release:  # the program now holds the codes (int4: its copy; int8: the tensor) + fp16 scales
                     q.release()
             block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=done[id(q)])
             block.remove_ops([op])
 
 
+def _constexpr_inputs(q, name: str):
+    """``(data, kwargs)`` of the ``constexpr_blockwise_shift_scale`` carrying ``q``.
+
+    int4: the codes viewed as coremltools' int4 numpy dtype (an int8 with metadata: one byte a
+    code), asymmetric as uint4 with a uint4 offset per block. int8: the stored codes themselves,
+    one scale per row (scale shape [rows, 1] = one block the row's length, i.e. per output
+    channel), no offset; no copy is made (``QuantizedWeight.codes`` is the stored tensor)."""
+    from coremltools.converters.mil.mil import types
+
+    if q.bits == 8:
+        codes = q.codes.numpy()
+        if q.zero_points is not None or codes.dtype != np.int8 or tuple(q.scales.shape) != (q.shape[0], 1):
+            raise ValueError(f"coreml: {name} is not a symmetric per-row int8 weight (quantization contract)")
+        return codes, {}
+    codes = q.codes.numpy()
+    if q.zero_points is None:
+        return codes.view(types.np_int4_dtype), {}
+    # asymmetric: uint4 codes minus a uint4 offset per block
+    return (codes.view(np.uint8).view(types.np_uint4_dtype),
+            {"offset": q.zero_points.numpy().astype(np.uint8).astype(types.np_uint4_dtype)})
+
+
 @contextmanager
-def _registered(graph_pass: Int4Weights | None):
+def _registered(graph_pass: QuantizedWeights | None):
     """``graph_pass`` in coremltools' pass registry for the duration of one conversion."""
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
     if graph_pass is None:
         yield None
         return
-    pass_id = "edgellm::int4_weights"
-    PASS_REGISTRY.add("edgellm", graph_pass, override=True, name="int4_weights")
+    pass_id = "edgellm::quantized_weights"
+    PASS_REGISTRY.add("edgellm", graph_pass, override=True, name="quantized_weights")
     try:
         yield pass_id
     finally:
@@ -376,7 +404,7 @@ def _registered(graph_pass: Int4Weights | None):
 
 def lower(job) -> Path:
     """Trace without weights, give each tensor its value (quantized ones a free placeholder),
-    convert with the int4 swap inside coremltools' pipeline, save."""
+    convert with the int4/int8 swap inside coremltools' pipeline, save."""
     cap = job.loaded.config.max_seq_len
     with job.stage("trace"):
         t = time.time()
@@ -386,17 +414,18 @@ def lower(job) -> Path:
         applied = list(model.transforms)
         del model
         placeholders = placeholder_weights(ep, job)
-    int4 = None
+    swap = None
     if job.quant is not None:
         if job.last_use:
             job.quant.summary()  # the manifest's summary reads every weight: taken before they are freed
-        int4 = Int4Weights(job.quant, placeholders, release=job.last_use)
+        swap = QuantizedWeights(job.quant, placeholders, release=job.last_use)
     with job.stage("convert"):
-        mlmodel = convert(ep, cap, int4, job.progress)
+        mlmodel = convert(ep, cap, swap, job.progress)
         del ep
-    replaced = int4.replaced if int4 is not None else {}
-    if int4 is not None:
-        job.progress(f"coreml: {len(replaced)} weight tensors -> constexpr_blockwise_shift_scale")
+    counts = swap.counts if swap is not None else {}
+    if swap is not None:
+        made = ", ".join(f"{n} {p}" for p, n in sorted(counts.items()))
+        job.progress(f"coreml: weight tensors -> constexpr_blockwise_shift_scale ({made})")
     with job.writer() as w:
         with job.stage("write"):
             mlmodel.save(str(w.path(PACKAGE)))
@@ -406,5 +435,5 @@ def lower(job) -> Path:
             "minimum_deployment_target": "iOS18", "compute_precision": "fp16 (RMSNorm statistics, mask fp32)",
             "inputs": {"tokens": "int32[1, T]", "input_pos": "int32[T]", "T": [1, cap - 1]},
             "outputs": {"logits": "fp16[1, T, vocab]"}, "states": "kv_cache k/v per layer, fp16",
-            "int4_tensors": len(replaced)})
+            "int4_tensors": counts.get("int4", 0), "int8_tensors": counts.get("int8", 0)})
         return w.commit(manifest)
