@@ -154,7 +154,12 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
             show(f"quantizing: {done}/{total} tensors, {time.time() - t:.0f}s")
 
     q = quantize(loaded.weights, qcfg, tied=loaded.config.tie_embeddings, progress=report)
-    progress(f"quantized {len(q.weights)} tensors to int4 (group {qcfg.group_size}) in {time.time() - t:.1f}s")
+    kinds = {}
+    for _, qw in q.unique():
+        kinds[qw.bits] = kinds.get(qw.bits, 0) + 1
+    what = ", ".join(f"{n} int4 (group {qcfg.group_size})" if bits == 4 else f"{n} int8 (per row)"
+                     for bits, n in sorted(kinds.items()))
+    progress(f"quantized {len(q.unique())} tensors in {time.time() - t:.1f}s: {what}")
     return q
 
 
