@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from edgellm.decoder import Decoder
+from edgellm.errors import EdgeLLMError
 from edgellm.quantization import activation_block
 from export.targets import Flavour
 from export.targets.onnx.fusion import fuse_for_ort_cpu
@@ -208,7 +209,7 @@ def onnx_int8(qw, block: int, name: str = "weight") -> dict[str, np.ndarray]:
         raise ValueError(f"{name}: expected an int8 weight, got int{qw.bits}")
     rows, cols = qw.shape
     if block < 16 or block & (block - 1):
-        raise ValueError(f"ONNX int8 {name}: the 8-bit ops need a power-of-two block_size >= 16, got {block}; "
+        raise EdgeLLMError(f"ONNX int8 {name}: the 8-bit ops need a power-of-two block_size >= 16, got {block}; "
                          f"set quantization.group_size to 16, 32, 64 or 128")
     codes = qw.codes.cpu().numpy()
     data = codes.view(np.uint8) ^ np.uint8(0x80)
@@ -221,7 +222,7 @@ def _matmul_block(qw, qcfg, name: str) -> int:
     block = activation_block(qw, qcfg)
     K = qw.shape[1]
     if qw.bits == 8 and K % block:
-        raise ValueError(f"ONNX int8 {name}: {K} inputs are not a multiple of quantization.group_size {block} "
+        raise EdgeLLMError(f"ONNX int8 {name}: {K} inputs are not a multiple of quantization.group_size {block} "
                          f"(MatMulNBits' activation block); choose a group_size dividing {K}")
     return block
 
