@@ -560,6 +560,14 @@ def stream_reference(model: nn.Module, quant: Quantization, activations: bool | 
     return _hook_activations(model, quant, activations)
 
 
+def activation_block(qw: QuantizedWeight, qcfg: QuantConfig) -> int:
+    """The input block of 'int8-block-sym' activations in front of ``qw``: its int4 group, or
+    for an int8 weight (one scale per row) the recipe's ``group_size``: ONNX carries it as
+    MatMulNBits bits=8 with ``block_size`` = this (the row's scale replicated per block), and
+    accuracy_level 4 quantizes the input per ``block_size`` (measured on ORT 1.31)."""
+    return qw.group_size if qw.bits == 4 else qcfg.group_size
+
+
 def _hook_activations(model: nn.Module, quant: Quantization, activations: bool | str) -> nn.Module:
     scheme = resolve_activation_scheme(activations)
     if scheme:
@@ -567,6 +575,6 @@ def _hook_activations(model: nn.Module, quant: Quantization, activations: bool |
         for name, qw in quant.weights.items():
             mod = modules[name.rsplit(".", 1)[0] if "." in name else ""]
             if isinstance(mod, nn.Linear) and not getattr(mod, "_edgellm_act_quant", False):
-                mod.register_forward_pre_hook(_activation_hook(scheme, qw.group_size))
+                mod.register_forward_pre_hook(_activation_hook(scheme, activation_block(qw, quant.config)))
                 mod._edgellm_act_quant = True
     return model

@@ -261,3 +261,136 @@ def test_smollm2_int4_perplexity(smol_art, smol_int4_ref, smollm2, smol_ids):
     print(f"\nSmolLM2 perplexity over {len(smol_ids) - 1} tokens: onnx int4 (acc4) {ours:.3f}, "
           f"eager int4 {ref:.3f}, eager fp32 {fp32:.3f} (onnx/int4 {ours / ref:.4f}, onnx/fp32 {ours / fp32:.4f})")
     assert abs(ours / ref - 1) <= 0.02, f"ONNX int4 perplexity {ours:.3f} vs eager int4 {ref:.3f}"
+
+
+# ----------------------------------------------------------------------------- int8 weights (tiny)
+
+INT8_CASES = {  # name: (model fixture, quantization fields, flavour)
+    # untied: int8 embedding and (following it) head, int4 linears
+    "embedding-portable": ("tiny", {"embedding": "int8"}, "portable"),
+    # int8 linears (layer 1: one fused int8 QKV), but layer 0's q int4: its QKV stays three matmuls
+    "linears-fast": ("tiny", {"linears": "int8", "overrides": {"layers.0.self_attn.q_proj.weight": "int4"}}, None),
+    "tied-embedding-fast": ("hf_gqa_model", {"embedding": "int8"}, None),  # one tensor for embedding and head
+}
+
+
+@pytest.fixture(scope="module")
+def int8_export(request, export_artifact):
+    """``int8_export(case)`` -> (artifact dir, LoadedModel, Quantization), exported once per case."""
+    from dataclasses import replace
+
+    from edgellm.model import LoadedModel
+    from edgellm.quantization import quantize
+
+    cache: dict = {}
+
+    def get(case: str):
+        if case not in cache:
+            model, fields, flavour = INT8_CASES[case]
+            base = request.getfixturevalue(model)
+            rec = replace(base.recipe, quantization=replace(base.recipe.quantization, **fields))
+            loaded = LoadedModel(rec, base.config, base.weights)
+            q = quantize(loaded.weights, rec.quantization, tied=loaded.config.tie_embeddings)
+            assert any(qw.bits == 8 for qw in q.weights.values())
+            cache[case] = (export_artifact("onnx", loaded, "int4", flavour, quantization=q), loaded, q)
+        return cache[case]
+
+    return get
+
+
+def test_matmulnbits_int8_acc4_quantizes_activations_per_block_size():
+    """MatMulNBits bits=8 with a row's scale repeated per block: accuracy_level 0 is the exact
+    int8 dequantization; accuracy_level 4 quantizes the input per block_size (not per row), which
+    is the block the eager reference gives an int8 weight (``activation_block``)."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgellm.quantization import activation_block, fake_quantize_activation, quantize_weight
+    from edgellm.recipes import QuantConfig
+    from export.targets.onnx.lowering import onnx_int8
+
+    g = torch.Generator().manual_seed(0)
+    K, N, M = 256, 96, 5
+    qw = quantize_weight(torch.randn(N, K, generator=g) * 0.05, 32, bits=8)
+    block = activation_block(qw, QuantConfig(group_size=32))
+    assert qw.group_size == K and block == 32
+    t = onnx_int8(qw, block)
+    x = torch.randn(M, K, generator=g) * 2
+    x[:, 5] *= 10  # an outlier channel: per-block scales must follow it
+    W = qw.dequantize()
+    out = {}
+    for level in (0, 4):
+        node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=K, N=N, bits=8,
+                                block_size=block, accuracy_level=level)
+        graph = helper.make_graph(
+            [node], "mm", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [M, K])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [M, N])],
+            [numpy_helper.from_array(t["data"].reshape(N, K // block, block), "B"),
+             numpy_helper.from_array(t["scales"].reshape(-1), "S")])
+        model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                       helper.make_opsetid("com.microsoft", 1)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        out[level] = torch.from_numpy(sess.run(None, {"A": x.numpy()})[0])
+    den = float((x @ W.T).abs().max())
+    rel = lambda a, b: float((a - b).abs().max()) / den  # noqa: E731
+    assert rel(out[0], x @ W.T) <= 1e-6, "accuracy_level 0 is not the exact int8 dequantization"
+    blocked = rel(out[4], fake_quantize_activation(x, "int8-block-sym", block) @ W.T)
+    per_row = rel(out[4], fake_quantize_activation(x, "int8-block-sym", K) @ W.T)
+    assert blocked <= 1e-5, f"acc4 differs from int8-block-sym per {block}: {blocked:.2e}"
+    assert per_row > 10 * blocked, "the test cannot tell a per-block from a per-row activation scale"
+
+
+def test_int8_block_must_be_a_power_of_two():
+    import torch
+
+    from edgellm.quantization import quantize_weight
+    from export.targets.onnx.lowering import onnx_int8
+
+    qw = quantize_weight(torch.randn(8, 96), 32, bits=8)
+    with pytest.raises(ValueError, match="group_size"):
+        onnx_int8(qw, 48)
+
+
+@pytest.mark.parametrize("case", list(INT8_CASES))
+def test_int8_codes_read_back_bit_for_bit(int8_export, case):
+    """int8 codes, per-row scales (bit for bit) and int4 neighbours == the shared quantization."""
+    import onnx
+
+    art, loaded, q = int8_export(case)
+    _assert_codes_equal(art, q)
+    from export.targets.onnx.lowering import read_int4
+
+    stored = read_int4(art / "model.onnx")
+    assert {n for n, s in stored.items() if s["bits"] == 8} == {n for n, qw in q.weights.items() if qw.bits == 8}
+    m = onnx.load(str(art / "model.onnx"))
+    if case == "linears-fast":
+        bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in m.graph.node
+                if n.op_type == "MatMulNBits"}
+        assert bits["layers.1.self_attn.qkv_proj/MatMulNBits"] == 8
+        assert bits["layers.0.self_attn.q_proj/MatMulNBits"] == 4 and bits["layers.0.self_attn.k_proj/MatMulNBits"] == 8
+    if loaded.config.tie_embeddings:  # one int8 tensor (codes, and scales) for the embedding and the head
+        inits = {t.name for t in m.graph.initializer}
+        assert "lm_head.qweight" in inits and "lm_head.scales" in inits
+        assert not {"embed_tokens.qweight", "embed_tokens.scales"} & inits
+
+
+@pytest.mark.parametrize("case", list(INT8_CASES))
+def test_int8_runs_and_matches_reference(int8_export, case):
+    """accuracy_level 4 vs the eager reference with int8-block-sym activations (the bounds of the
+    int4 test above), and accuracy_level 0 vs the weight-only reference (exact dequantization)."""
+    art, loaded, q = int8_export(case)
+    ids = _ids(loaded.config.vocab_size, 60, seed=3)
+    cand = _onnx(art)
+    assert cand.activation_scheme == "int8-block-sym"
+    ref = EagerBackend.from_loaded(loaded, int4=True, quantization=q, activations="int8-block-sym")
+    st = teacher_forced(cand, ref, ids, 7)
+    median = float(np.median(st.rel))
+    print(f"{case} int8 acc4 vs int8-block-sym reference: median rel {median:.2e}, max rel {st.max_rel:.2e}")
+    assert median <= 1e-5, f"median |Δlogit|/max|logit| = {median:.2e}"
+    assert st.max_rel <= 5e-2, f"max |Δlogit|/max|logit| = {st.max_rel:.2e}"
+    exact = teacher_forced(_onnx(art, accuracy_level=0), EagerBackend.from_loaded(loaded, int4=True, quantization=q),
+                           ids[:30], 5)
+    assert exact.max_rel <= INT4_EXACT_REL, f"exact dequantization: max rel {exact.max_rel:.2e}"

@@ -13,6 +13,8 @@ class Onnx(Target):
     # traced without weights: XGen-7B width at 2 layers (0.82B parameters) peaked at 4.68 GB
     bytes_per_parameter = 1.2  # traced without weights: XGen-7B peaks at 10.2 GB (README scale section)
     relative_cost = 1.0
+    # int8: MatMulNBits / GatherBlockQuantized bits=8 (lowering module docstring)
+    precisions = frozenset({"int4", "int8", "float"})
 
     def lower(self, job):
         return lowering.lower(job)

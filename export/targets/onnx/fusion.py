@@ -592,17 +592,22 @@ def _fuse_qkv(graph, q_mm, k_mm, v_mm, prefix: str):
         if any(len(i) != len(ins[0]) for i in ins):
             return None
         attrs = {k: v.value for k, v in q_mm.attributes.items()}
+        same = ("K", "bits", "block_size", "accuracy_level")
+        if any(_attr(n, a) != attrs.get(a) for n in (k_mm, v_mm) for a in same):
+            return None  # e.g. an override gave one projection another precision: kept apart
         Ns = [n.attributes["N"].value for n in (q_mm, k_mm, v_mm)]
-        K, group = attrs["K"], attrs["block_size"]
+        K, group, bits = attrs["K"], attrs["block_size"], attrs["bits"]
         nb = K // group
-        t = {"data": np.concatenate([i[0] for i in ins]).reshape(sum(Ns), K // 2),
+        t = {"data": np.concatenate([i[0] for i in ins]).reshape(sum(Ns), K * bits // 8),
              "scales": np.concatenate([i[1].reshape(-1, nb) for i in ins])}
         if len(ins[0]) > 2:
             t["zero_points"] = np.concatenate([i[2].reshape(n, -1) for i, n in zip(ins, Ns)])
         weights = ",".join(n.metadata_props[WEIGHTS_KEY] for n in (q_mm, k_mm, v_mm))
         node = _matmul_nbits(graph, q_mm.inputs[0], t, f"{prefix}.qkv_proj", K, sum(Ns), group,
-                             attrs["accuracy_level"], weights)
+                             attrs["accuracy_level"], weights, bits)
     else:
+        if not all(n.op_type == "MatMul" for n in (k_mm, v_mm)):
+            return None
         ws = [_const_array(n.inputs[1]) for n in (q_mm, k_mm, v_mm)]
         if any(w is None for w in ws):
             return None

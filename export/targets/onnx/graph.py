@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 MS = "com.microsoft"
-WEIGHTS_KEY = "edgellm.weights"  # node metadata: "state-dict name:rows,..." of an int4 node
+WEIGHTS_KEY = "edgellm.weights"  # node metadata: "state-dict name:rows,..." of a quantized node
 
 
 def _init(graph, name: str, array: np.ndarray):
@@ -57,13 +57,15 @@ def _remove_unused(model) -> None:
 
 
 def _matmul_nbits(graph, a, t: dict[str, np.ndarray], name: str, K: int, N: int, group: int, level: int,
-                  weights: str | None = None):
+                  weights: str | None = None, bits: int = 4):
+    """MatMulNBits over ``t`` (``data`` [N, K*bits/8] uint8, ``scales`` [N, K/group], optional
+    packed ``zero_points``): int4 nibbles, or int8 codes + 128 (the op's default zero point)."""
     nb = K // group
-    b = _init(graph, f"{name}.qweight", t["data"].reshape(N, nb, group // 2))
+    b = _init(graph, f"{name}.qweight", t["data"].reshape(N, nb, group * bits // 8))
     s = _init(graph, f"{name}.scales", t["scales"].reshape(N * nb))
     inputs = [a, b, s]
     if "zero_points" in t:
         inputs.append(_init(graph, f"{name}.qzeros", t["zero_points"].reshape(-1)))
     return _node(MS, "MatMulNBits", inputs, attributes={
-        "K": K, "N": N, "bits": 4, "block_size": group, "accuracy_level": level}, name=f"{name}/MatMulNBits",
+        "K": K, "N": N, "bits": bits, "block_size": group, "accuracy_level": level}, name=f"{name}/MatMulNBits",
         metadata_props={WEIGHTS_KEY: weights or f"{name}.weight:{N}"})

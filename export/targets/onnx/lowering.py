@@ -13,6 +13,12 @@ The traced graph is then rewritten with onnx-ir, never re-derived:
     packed codes and scales written from ``job.quant`` (the shared quantization) -- symmetric
     codes c in [-8, 7] are stored as c + 8 with the ops' default zero point 8; asymmetric codes
     carry their zero points. A tied lm_head and the embedding share one packed tensor.
+  * int8 (one scale per row): the same ops with ``bits=8``, codes c in [-128, 127] stored as
+    uint8 c + 128 (the ops' default zero point 128). MatMulNBits' block_size is the recipe's
+    group_size (``edgellm.quantization.activation_block``: accuracy_level 4 quantizes the input
+    per block_size, and the eager reference uses that block), each block carrying its row's
+    scale; an untied embedding is one block per row (its scales stored as they are), a tied one
+    reads the head's codes and scales through Reshapes (one tensor each).
   * flavour ``fast`` (default): what ORT's CPU kernels reward -- per layer one fused-QKV
     ``MatMulNBits`` feeding ``GroupQueryAttention`` (rotary fused, cos/sin tables as caches,
     past/present sharing one buffer), residual Add + RMSNorm as ``SkipSimplifiedLayerNormalization``
@@ -30,6 +36,8 @@ import numpy as np
 import torch
 
 from edgellm.decoder import Decoder
+from edgellm.errors import EdgeLLMError
+from edgellm.quantization import activation_block
 from export.targets import Flavour
 from export.targets.onnx.fusion import fuse_for_ort_cpu
 from export.targets.onnx.graph import (MS, WEIGHTS_KEY, _init, _matmul_nbits, _node, _remove_unused,
@@ -193,6 +201,32 @@ def onnx_int4(qw) -> dict[str, np.ndarray]:
     return out
 
 
+def onnx_int8(qw, block: int, name: str = "weight") -> dict[str, np.ndarray]:
+    """An int8 ``QuantizedWeight`` (one scale per row) as MatMulNBits / GatherBlockQuantized
+    bits=8 tensors: ``data`` uint8 [rows, cols] = codes + 128 (the sign bit flipped), ``scales``
+    float32 [rows, ceil(cols / block)], the row's scale in every block (the same dequantized values)."""
+    if qw.bits != 8:
+        raise ValueError(f"{name}: expected an int8 weight, got int{qw.bits}")
+    rows, cols = qw.shape
+    if block < 16 or block & (block - 1):
+        raise EdgeLLMError(f"ONNX int8 {name}: the 8-bit ops need a power-of-two block_size >= 16, got {block}; "
+                         f"set quantization.group_size to 16, 32, 64 or 128")
+    codes = qw.codes.cpu().numpy()
+    data = codes.view(np.uint8) ^ np.uint8(0x80)
+    scales = qw.scales.cpu().numpy().astype(np.float32).reshape(rows, 1)
+    return {"data": data, "scales": np.repeat(scales, -(-cols // block), axis=1)}
+
+
+def _matmul_block(qw, qcfg, name: str) -> int:
+    """MatMulNBits' block_size for ``qw``: the block its activations are quantized with."""
+    block = activation_block(qw, qcfg)
+    K = qw.shape[1]
+    if qw.bits == 8 and K % block:
+        raise EdgeLLMError(f"ONNX int8 {name}: {K} inputs are not a multiple of quantization.group_size {block} "
+                         f"(MatMulNBits' activation block); choose a group_size dividing {K}")
+    return block
+
+
 def _weight_shape(value) -> tuple[int, ...] | None:
     """Shape of a MatMul's weight operand: an initializer (filled or left empty for the int4
     rewrite), or a Transpose of one (a tied head, or an empty weight the optimizer kept)."""
@@ -204,11 +238,13 @@ def _weight_shape(value) -> tuple[int, ...] | None:
     return None
 
 
-def apply_int4(model, quant, cfg, progress=print) -> None:
-    """Replace float linears/embedding by int4 contrib ops carrying ``quant``'s codes and scales."""
+def apply_quantized(model, quant, cfg, progress=print) -> None:
+    """Replace float linears/embedding by MatMulNBits / GatherBlockQuantized carrying ``quant``'s
+    codes and scales (int4, or int8 with bits=8)."""
     g = model.graph
+    qcfg = quant.config
     matmuls = _nodes_by_scope(g, "MatMul")
-    count = 0
+    counts: dict[str, int] = {}
     packed_by_id: dict[int, dict] = {}
     for scope, node in matmuls.items():
         key = f"{scope}.weight"
@@ -218,45 +254,67 @@ def apply_int4(model, quant, cfg, progress=print) -> None:
         N, K = qw.shape
         if _weight_shape(node.inputs[1]) != (K, N):
             raise RuntimeError(f"ONNX lowering: {key} is not a constant [{K}, {N}] MatMul weight in the traced graph")
-        t = packed_by_id.setdefault(id(qw), onnx_int4(qw))
-        new = _matmul_nbits(g, node.inputs[0], t, scope, K, N, qw.group_size, STORED_ACCURACY_LEVEL)
+        block = _matmul_block(qw, qcfg, key)
+        t = packed_by_id.setdefault(id(qw), onnx_int4(qw) if qw.bits == 4 else onnx_int8(qw, block, key))
+        new = _matmul_nbits(g, node.inputs[0], t, scope, K, N, block, STORED_ACCURACY_LEVEL, bits=qw.bits)
         _replace(g, node, new)
-        count += 1
+        counts[qw.precision] = counts.get(qw.precision, 0) + 1
     emb = quant.weights.get("embed_tokens.weight")
     if emb is not None:
         gather = _nodes_by_scope(g, "Gather").get("embed_tokens")
         if gather is None:
             raise RuntimeError("ONNX lowering: no embedding Gather found in the traced graph")
         V, D = emb.shape
-        t = packed_by_id.setdefault(id(emb), onnx_int4(emb))
         lm = g.initializers.get("lm_head.qweight")
         tied = quant.weights.get("lm_head.weight") is emb and lm is not None
-        if tied:  # one packed tensor: the lm_head's [V, blocks, group/2] viewed as [V, D/2]
-            shape = _init(g, "embed_tokens.qshape", np.array([V, D // 2], np.int64))
-            rs = _node("", "Reshape", [lm, shape], name="embed_tokens/Reshape")
+        block = emb.group_size
+        if emb.bits == 8:
+            # tied: the head's blocks; untied: one block per row (a power of two >= D: ORT takes it)
+            block = _matmul_block(emb, qcfg, "lm_head.weight") if tied else max(16, 1 << (D - 1).bit_length())
+        t = packed_by_id.get(id(emb)) if tied else None
+        if t is None:
+            t = onnx_int4(emb) if emb.bits == 4 else onnx_int8(emb, block, "embed_tokens.weight")
+
+        def reshaped(src, name, shape, what):  # a view of the lm_head's tensor: stored once
+            rs = _node("", "Reshape", [src, _init(g, f"embed_tokens.{what}", np.array(shape, np.int64))],
+                       name=f"embed_tokens/Reshape{'' if what == 'qshape' else '_scales'}")
             g.insert_before(gather, rs)
-            data = rs.outputs[0]
-            data.name = "embed_tokens.qweight"
+            rs.outputs[0].name = name
+            return rs.outputs[0]
+
+        if tied:  # one packed tensor: the lm_head's [V, blocks, group*bits/8] viewed as [V, D*bits/8]
+            data = reshaped(lm, "embed_tokens.qweight", [V, D * emb.bits // 8], "qshape")
         else:
             data = _init(g, "embed_tokens.qweight", t["data"])
-        inputs = [data, gather.inputs[1],
-                  _init(g, "embed_tokens.scales", t["scales"])]
+        lm_scales = g.initializers.get("lm_head.scales")
+        if tied and emb.bits == 8 and lm_scales is not None:  # the same replicated scales, once
+            scales = reshaped(lm_scales, "embed_tokens.scales", [V, D // block], "sshape")
+        else:
+            scales = _init(g, "embed_tokens.scales", t["scales"])
+        inputs = [data, gather.inputs[1], scales]
         if "zero_points" in t:
             inputs.append(_init(g, "embed_tokens.qzeros", t["zero_points"]))
         new = _node(MS, "GatherBlockQuantized", inputs, attributes={
-            "gather_axis": 0, "quantize_axis": 1, "block_size": emb.group_size, "bits": 4},
+            "gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": emb.bits},
             name="embed_tokens/GatherBlockQuantized", metadata_props={WEIGHTS_KEY: f"embed_tokens.weight:{V}"})
         _replace(g, gather, new)
-        count += 1
+        counts[emb.precision] = counts.get(emb.precision, 0) + 1
     _remove_unused(model)
-    progress(f"onnx: {count} tensors as MatMulNBits/GatherBlockQuantized from the shared int4 codes")
+    summary = ", ".join(f"{n} {p}" for p, n in sorted(counts.items()))
+    progress(f"onnx: {sum(counts.values())} tensors as MatMulNBits/GatherBlockQuantized from the shared codes "
+             f"({summary or 'none'})")
+
+
+apply_int4 = apply_quantized  # the name it had when every tensor was int4
 
 
 def read_int4(model_path: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """Read back the int4 tensors of a saved model: {state-dict name: {codes, scales, zero_points}}.
+    """Read back the quantized tensors of a saved model: {state-dict name: {codes, scales,
+    zero_points, group_size}}, directly comparable to the shared quantization's.
 
-    ``codes`` are the stored nibbles minus the zero point's default (8) when no zero points
-    are stored, i.e. directly comparable to the shared quantization's codes.
+    int4 ``codes`` are the stored nibbles minus the zero point's default (8) when no zero points
+    are stored; int8 codes are the stored bytes minus 128, and a row's scale repeated over its
+    blocks reads back as that one scale ([rows, 1], group_size = the row's length).
     """
     import onnx
     from onnx import numpy_helper
@@ -264,7 +322,7 @@ def read_int4(model_path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     m = onnx.load(str(model_path), load_external_data=True)
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     consts = dict(inits)
-    for node in m.graph.node:  # the tied embedding's Reshape of the lm_head tensor
+    for node in m.graph.node:  # the tied embedding's Reshapes of the lm_head tensors
         if node.op_type == "Reshape" and node.input[0] in consts and node.input[1] in consts:
             consts[node.output[0]] = consts[node.input[0]].reshape(consts[node.input[1]])
     out = {}
@@ -272,26 +330,33 @@ def read_int4(model_path: str | Path) -> dict[str, dict[str, np.ndarray]]:
         if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        group = attrs["block_size"]
+        group, bits = attrs["block_size"], attrs.get("bits", 4)
         data = consts[node.input[0] if node.op_type == "GatherBlockQuantized" else node.input[1]]
         rows = attrs["N"] if node.op_type == "MatMulNBits" else data.shape[0]
-        nib = unpack_nibbles(data.reshape(rows, -1)).astype(np.int16)
         s_name = node.input[2]
         scales = consts[s_name].reshape(rows, -1)
         zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
         zps = None
-        if zp_name:
-            zps = unpack_nibbles(consts[zp_name].reshape(rows, -1))[:, :scales.shape[1]].astype(np.int8)
-            codes = nib.astype(np.int8)
+        if bits == 8:
+            if zp_name:
+                raise ValueError(f"{node.name}: int8 weights are symmetric, but zero points are stored")
+            codes = (data.reshape(rows, -1) ^ np.uint8(0x80)).view(np.int8)
+            if (scales.view(np.uint32) == scales[:, :1].view(np.uint32)).all():
+                scales, group = scales[:, :1], codes.shape[1]
         else:
-            codes = (nib - 8).astype(np.int8)
+            nib = unpack_nibbles(data.reshape(rows, -1)).astype(np.int16)
+            if zp_name:
+                zps = unpack_nibbles(consts[zp_name].reshape(rows, -1))[:, :scales.shape[1]].astype(np.int8)
+                codes = nib.astype(np.int8)
+            else:
+                codes = (nib - 8).astype(np.int8)
         meta = {p.key: p.value for p in node.metadata_props}
         r0 = 0
         for item in meta[WEIGHTS_KEY].split(","):  # a fused QKV node carries three weights
             name, n = item.rsplit(":", 1)
             sl = slice(r0, r0 + int(n))
             r0 += int(n)
-            out[name] = {"codes": codes[sl], "scales": scales[sl],
+            out[name] = {"codes": codes[sl], "scales": scales[sl], "bits": bits,
                          "zero_points": None if zps is None else zps[sl], "group_size": group}
     return out
 
@@ -312,7 +377,7 @@ def lower(job) -> Path:
         del model
     with job.stage("rewrite"):
         if job.quant is not None:
-            apply_int4(onnx_model, job.quant, cfg, job.progress)
+            apply_quantized(onnx_model, job.quant, cfg, job.progress)
         if flavour.options["fuse"]:
             fuse_for_ort_cpu(onnx_model, cfg, cos, sin, job.progress)
     onnx_model.producer_name = "edgellm"
