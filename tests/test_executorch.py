@@ -78,18 +78,21 @@ def test_int4_random_weights_bounded(export_artifact, tiny, tiny_quant):
     assert stats.max_rel <= 1e-3
 
 
-def test_lowered_program_carries_shared_codes_and_scales(tiny, tiny_quant):
-    """The constants of the program handed to XNNPACK are exactly the shared int4 tensors."""
+@pytest.mark.parametrize("config", [None, "tied-mixed"])
+def test_lowered_program_carries_shared_codes_and_scales(request, tiny, tiny_quant, config):
+    """The constants of the program handed to XNNPACK are exactly the shared int4 (and int8)
+    tensors."""
     from export.pipeline import ExportJob
     from export.targets.executorch.lowering import exported_program
 
     from export import targets
 
-    job = ExportJob(tiny, tiny_quant, "/nonexistent", targets.get("executorch"), "portable", progress=lambda s: None)
+    loaded, quant = (tiny, tiny_quant) if config is None else request.getfixturevalue("int8_models")[config]
+    job = ExportJob(loaded, quant, "/nonexistent", targets.get("executorch"), "portable", progress=lambda s: None)
     ep, _, names = exported_program(job)
-    assert sorted(names) == sorted(tiny_quant.weights)
+    assert sorted(names) == sorted(quant.weights)
     state = ep.run_decompositions({}).state_dict  # the form to_edge lowers: subclass -> (qdata, scale, zero_point)
-    for name, qw in tiny_quant.weights.items():
+    for name, qw in quant.weights.items():
         prefix = name.rsplit(".", 1)[0] + ".parametrizations.weight.original"
         codes, scales, zeros = (state[prefix + str(i)] for i in range(3))
         assert torch.equal(codes, qw.codes), f"{name}: codes differ from the shared quantization"
@@ -280,11 +283,13 @@ def test_lean_lowering_writes_the_same_program(tiny, tiny_quant, flavour, monkey
     assert pte() == lean
 
 
-@pytest.mark.parametrize("flavour", ["portable", "fast"])
-def test_placeholder_codes_write_the_same_program(tiny, flavour, monkeypatch):
+@pytest.mark.parametrize("config,flavour", [(None, "portable"), (None, "fast"), ("tied-mixed", "portable")])
+def test_placeholder_codes_write_the_same_program(tiny, config, flavour, monkeypatch):
     """The memory-lean lowering -- linear codes traced as placeholders and unpacked at XNNPACK's
     read of each (the shared weight released after it), preprocess copies sharing constants --
-    writes the .pte that real codes and deep copies write, and every placeholder is read."""
+    writes the .pte that real codes and deep copies write, and every placeholder is read. Also
+    with int8 (``INT8_CONFIGS``): a tied int8 head's placeholder stands for the codes the
+    embedding holds, and releasing the shared weight leaves the embedding's."""
     import contextlib
 
     from export import targets
@@ -292,8 +297,9 @@ def test_placeholder_codes_write_the_same_program(tiny, flavour, monkeypatch):
     from export.targets.executorch import lowering
     from export.targets.executorch.lazy_codes import LazyCodes
 
-    quant = quantize_for(tiny, "int4", progress=lambda s: None)  # its own: this test releases it
-    job = ExportJob(tiny, quant, "/nonexistent", targets.get("executorch"), flavour, progress=lambda s: None)
+    loaded = tiny if config is None else _requantized(tiny, INT8_CONFIGS[config][0], **INT8_CONFIGS[config][1])
+    quant = quantize_for(loaded, "int4", progress=lambda s: None)  # its own: this test releases it
+    job = ExportJob(loaded, quant, "/nonexistent", targets.get("executorch"), flavour, progress=lambda s: None)
     args = (lowering.constant_methods(job), job.flavour.options["partitioners"])
     with monkeypatch.context() as m:
         m.setattr(lowering, "constants_shared_with_preprocess", contextlib.nullcontext)
