@@ -116,7 +116,7 @@ def quantized_tensor(module: nn.Module, name: str, qw, lazy: LazyCodes | None = 
 int4_weight = quantized_tensor  # the name it had while every quantized weight was int4
 
 
-def weighted_decoder(job, lazy: LazyCodes | None = None) -> tuple[Decoder, list[str]]:
+def weighted_decoder(job, lazy: LazyCodes | None = None) -> tuple[Decoder, dict[str, str]]:
     """The flavour's decoder, built on the meta device and then given its tensors one at a time:
     the shared int4/int8 codes as torchao tensors for the quantized weights (placeholders for
     the linears' codes with ``lazy``), the checkpoint's fp32 for the rest (norms), the buffers
