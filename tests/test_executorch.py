@@ -8,6 +8,7 @@ left is XNNPACK's kernel arithmetic. Exports come from the session-wide ``export
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -77,18 +78,21 @@ def test_int4_random_weights_bounded(export_artifact, tiny, tiny_quant):
     assert stats.max_rel <= 1e-3
 
 
-def test_lowered_program_carries_shared_codes_and_scales(tiny, tiny_quant):
-    """The constants of the program handed to XNNPACK are exactly the shared int4 tensors."""
+@pytest.mark.parametrize("config", [None, "tied-mixed"])
+def test_lowered_program_carries_shared_codes_and_scales(request, tiny, tiny_quant, config):
+    """The constants of the program handed to XNNPACK are exactly the shared int4 (and int8)
+    tensors."""
     from export.pipeline import ExportJob
     from export.targets.executorch.lowering import exported_program
 
     from export import targets
 
-    job = ExportJob(tiny, tiny_quant, "/nonexistent", targets.get("executorch"), "portable", progress=lambda s: None)
+    loaded, quant = (tiny, tiny_quant) if config is None else request.getfixturevalue("int8_models")[config]
+    job = ExportJob(loaded, quant, "/nonexistent", targets.get("executorch"), "portable", progress=lambda s: None)
     ep, _, names = exported_program(job)
-    assert sorted(names) == sorted(tiny_quant.weights)
+    assert sorted(names) == sorted(quant.weights)
     state = ep.run_decompositions({}).state_dict  # the form to_edge lowers: subclass -> (qdata, scale, zero_point)
-    for name, qw in tiny_quant.weights.items():
+    for name, qw in quant.weights.items():
         prefix = name.rsplit(".", 1)[0] + ".parametrizations.weight.original"
         codes, scales, zeros = (state[prefix + str(i)] for i in range(3))
         assert torch.equal(codes, qw.codes), f"{name}: codes differ from the shared quantization"
@@ -279,11 +283,13 @@ def test_lean_lowering_writes_the_same_program(tiny, tiny_quant, flavour, monkey
     assert pte() == lean
 
 
-@pytest.mark.parametrize("flavour", ["portable", "fast"])
-def test_placeholder_codes_write_the_same_program(tiny, flavour, monkeypatch):
+@pytest.mark.parametrize("config,flavour", [(None, "portable"), (None, "fast"), ("tied-mixed", "portable")])
+def test_placeholder_codes_write_the_same_program(tiny, config, flavour, monkeypatch):
     """The memory-lean lowering -- linear codes traced as placeholders and unpacked at XNNPACK's
     read of each (the shared weight released after it), preprocess copies sharing constants --
-    writes the .pte that real codes and deep copies write, and every placeholder is read."""
+    writes the .pte that real codes and deep copies write, and every placeholder is read. Also
+    with int8 (``INT8_CONFIGS``): a tied int8 head's placeholder stands for the codes the
+    embedding holds, and releasing the shared weight leaves the embedding's."""
     import contextlib
 
     from export import targets
@@ -291,8 +297,9 @@ def test_placeholder_codes_write_the_same_program(tiny, flavour, monkeypatch):
     from export.targets.executorch import lowering
     from export.targets.executorch.lazy_codes import LazyCodes
 
-    quant = quantize_for(tiny, "int4", progress=lambda s: None)  # its own: this test releases it
-    job = ExportJob(tiny, quant, "/nonexistent", targets.get("executorch"), flavour, progress=lambda s: None)
+    loaded = tiny if config is None else _requantized(tiny, INT8_CONFIGS[config][0], **INT8_CONFIGS[config][1])
+    quant = quantize_for(loaded, "int4", progress=lambda s: None)  # its own: this test releases it
+    job = ExportJob(loaded, quant, "/nonexistent", targets.get("executorch"), flavour, progress=lambda s: None)
     args = (lowering.constant_methods(job), job.flavour.options["partitioners"])
     with monkeypatch.context() as m:
         m.setattr(lowering, "constants_shared_with_preprocess", contextlib.nullcontext)
@@ -331,3 +338,165 @@ def test_lean_edge_writes_the_same_program(tiny, tiny_quant, flavour, monkeypatc
     assert {"decomposition", "NormalizeTransposePass", "SymToTensorPass"} <= set(skipped), skipped
     monkeypatch.setattr(lowering, "lean_edge", contextlib.nullcontext)
     assert pte() == lean
+
+
+# ---- int8 weights: 8da8w linears (XNNPACK qd8-f32-qc8w) and embedding_byte ----
+
+def _pte_contents(pte: bytes):
+    """A .pte's stored tensors: (named data key -> bytes, the program's constant buffers as bytes,
+    every XNNPACK delegate's graph as JSON decoded from its flatbuffer with the backend's schema)."""
+    import json
+    import re
+    import tempfile
+    from pathlib import Path
+
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader, _get_schema_bytes
+    from executorch.exir._serialize._flatbuffer import _flatc_decompile
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    f = deserialize_pte_binary(bytes(pte))
+    named = {k: bytes(f.named_data.buffers[e.buffer_index]) for k, e in f.named_data.pte_data.items()}
+    constants = [bytes(b.storage) for b in f.program.constant_buffer]
+    graphs = []
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "schema.fbs").write_bytes(_get_schema_bytes())
+        for i, blob in enumerate(f.program.backend_delegate_data):
+            h = XNNHeader.from_bytes(blob.data[:XNNHeader.EXPECTED_LENGTH])
+            (Path(d) / f"g{i}.bin").write_bytes(blob.data[h.flatbuffer_offset:h.flatbuffer_offset + h.flatbuffer_size])
+            _flatc_decompile(d, str(Path(d) / "schema.fbs"), str(Path(d) / f"g{i}.bin"))
+            text = (Path(d) / f"g{i}.json").read_text()  # flatc writes bare inf / nan (clamp bounds)
+            graphs.append(json.loads(re.sub(r'(:\s*)(-?(?:inf|nan))\b', r'\1"\2"', text)))
+    return named, constants, graphs
+
+
+def _fully_connected_filters(graphs) -> Counter:
+    """(filter datatype, its quantization, input datatype) of every XNNPACK fully-connected node."""
+    out = Counter()
+    for g in graphs:
+        values = {v["xvalue_union"].get("tensor_value", v["xvalue_union"])["id_out"]: v["xvalue_union"]
+                  for v in g["xvalues"]}
+        for node in g["xnodes"]:
+            if node["xnode_union_type"] == "XNNFullyConnected":
+                w, x = values[node["xnode_union"]["filter_id"]], values[node["xnode_union"]["input1_id"]]
+                out[(w.get("tensor_value", w)["datatype"], w.get("quant_params_type"),
+                     x.get("tensor_value", x)["datatype"])] += 1
+    return out
+
+
+QC8W = ("xnn_datatype_qcint8", "PerChannelQuant", "xnn_datatype_qdint8")  # qd8-f32-qc8w
+QB4W = ("xnn_datatype_qbint4", "PerChannelGroupQuant", "xnn_datatype_qdint8")  # qd8-f32-qb4w
+
+
+def _sha(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _assert_int8_stored(pte: bytes, quant, linears: list[str], embedding: str | None = None):
+    """Each int8 linear's codes and fp32 scales are XNNPACK named data, bit for bit, under the
+    key XNNPACK derives from their bytes; the int8 embedding's are program constants."""
+    named, constants, graphs = _pte_contents(pte)
+    for name in linears:
+        qw = quant.weights[name]
+        assert named.get(_sha(qw.codes)) == qw.codes.numpy().tobytes(), f"{name}: int8 codes not stored as is"
+        assert named.get("scale_" + _sha(qw.scales)) == qw.scales.numpy().tobytes(), f"{name}: scales differ"
+    if embedding is not None:
+        qw = quant.weights[embedding]
+        assert qw.codes.numpy().tobytes() in constants, "embedding codes not a program constant as is"
+        assert qw.scales.numpy().tobytes() in constants, "embedding scales not a program constant as is"
+    return _fully_connected_filters(graphs)
+
+
+def test_xnnpack_8da8w_linear_is_qc8w_and_the_reference_arithmetic():
+    """One int8 Linear: delegated as XNNPACK's qd8-f32-qc8w fully-connected (per-token dynamic
+    int8 activations, per-channel int8 weights), its codes and scales stored bit for bit, its
+    output the eager reference's (int8-token-asym fake-quant, dequantized weight)."""
+    from executorch.runtime import Runtime
+    from torch import nn
+
+    from edgellm.quantization import Quantization, fake_quantize_activation, quantize_weight
+    from edgellm.recipes import QuantConfig
+    from export.targets.executorch.lowering import intx_tensor, lower_program
+
+    g = torch.Generator().manual_seed(0)
+    qw = quantize_weight(torch.randn(96, 128, generator=g) * 0.05, 32, bits=8)
+    lin = nn.Linear(128, 96, bias=False)
+    lin.weight = nn.Parameter(intx_tensor(qw, activations=True), requires_grad=False)
+    x = torch.randn(5, 128, generator=g) * 2
+    et, census = lower_program(torch.export.export(lin, (x,), strict=False), {})
+    assert census["delegates"] == 1 and not census["outside"], census
+    fc = _assert_int8_stored(et.buffer, Quantization(QuantConfig(), {"weight": qw}), ["weight"])
+    assert fc == Counter({QC8W: 1}), fc
+    out = Runtime.get().load_program(et.buffer).load_method("forward").execute([x])[0]
+    ref = fake_quantize_activation(x) @ qw.dequantize().T
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    assert rel <= 1e-5, f"XNNPACK 8da8w differs from the reference arithmetic: {rel:.2e}"  # measured 3.7e-7
+
+
+def _requantized(loaded, tied: bool = False, **quant):
+    """``loaded`` under another recipe quantization (and, ``tied``, with its embedding as head)."""
+    from dataclasses import replace
+
+    from edgellm.model import LoadedModel, seeded_model
+    from edgellm.recipes import QuantConfig
+
+    recipe = replace(loaded.recipe, quantization=QuantConfig(**{**vars(loaded.recipe.quantization), **quant}))
+    if tied:
+        return seeded_model(recipe, replace(loaded.config, tie_embeddings=True))
+    return LoadedModel(recipe, loaded.config, loaded.weights)
+
+
+# name -> (tied, quantization): untied int8 embedding (+ its int8 head); every linear int8 beside
+# an int4 embedding and a float head; tied int8 embedding/head with one int4 layer made int8.
+INT8_CONFIGS = {
+    "embedding": (False, {"embedding": "int8"}),
+    "linears": (False, {"linears": "int8", "embedding": "int4", "head": "float"}),
+    "tied-mixed": (True, {"embedding": "int8", "overrides": {"layers.1.mlp.*": "int8"}}),
+}
+
+
+@pytest.fixture(scope="module")
+def int8_models(tiny):
+    from export.pipeline import quantize_for
+
+    out = {}
+    for name, (tied, quant) in INT8_CONFIGS.items():
+        loaded = _requantized(tiny, tied, **quant)
+        out[name] = loaded, quantize_for(loaded, progress=lambda s: None)
+    return out
+
+
+@pytest.mark.parametrize("config,flavour", [("embedding", "portable"), ("linears", "fast"),
+                                            ("tied-mixed", "portable")])
+def test_int8_tiny_matches_eager_and_stores_the_shared_codes(export_artifact, int8_models, config, flavour):
+    """A tiny export with int8 weights runs, matches the eager model carrying the same codes and
+    int8 activations within the int4 bound, carries every int8 code and scale bit for bit, and
+    runs every quantized linear in XNNPACK (qc8w for int8, qb4w for int4)."""
+    loaded, quant = int8_models[config]
+    art = export_artifact("executorch", loaded, "int4", flavour, quantization=quant)
+    m = read_manifest(art)["executorch"]
+    be = load(art, threads=1)
+    ref = EagerBackend.from_loaded(loaded, int4=True, quantization=quant, activations=True, tokenizer=be.tokenizer)
+    stats = parity.teacher_forced(be, ref, be.tokenizer.encode(PROMPT * 4)[:48], 16)
+    print(f"tiny int8 {config} {flavour}: max_rel {stats.max_rel:.3e}, KL {stats.mean_kl:.2e}")
+    assert stats.max_rel <= 1e-3  # as test_int4_random_weights_bounded (measured 6-7e-7)
+
+    bits = {n: qw.bits for n, qw in quant.weights.items()}
+    linears8 = sorted(n for n, b in bits.items() if b == 8 and n != "embed_tokens.weight")
+    emb = "embed_tokens.weight" if bits.get("embed_tokens.weight") == 8 else None
+    fc = _assert_int8_stored((art / read_manifest(art)["artifact"]).read_bytes(), quant, linears8, emb)
+    n4 = sum(b == 4 for n, b in bits.items() if n != "embed_tokens.weight")
+    quantized_fc = Counter({k: v for k, v in fc.items() if k[0] != "xnn_datatype_fp32"})  # fp32: norms, rope
+    assert quantized_fc == Counter({k: v for k, v in ((QC8W, len(linears8)), (QB4W, n4)) if v}), fc
+    outside = m["delegation"]["outside"]
+    gather = "embedding_byte.out" if emb else "embedding_4bit.out"
+    assert outside.get(gather) == 1 and not {"embedding_byte.out", "embedding_4bit.out", "embedding.out"} - {gather} \
+        & set(outside), outside
+    assert not [op for op in outside if "linear" in op or "mm" in op or "quantize" in op], outside
+    scheme = {4: "8da4w", 8: "8da8w"}
+    expect_head = scheme[bits["lm_head.weight"]] if "lm_head.weight" in bits else "fp32"
+    assert (m["head_scheme"], m["embedding_scheme"], m["activation_scheme"]) == (
+        expect_head, "embedding_byte" if emb else "embedding_4bit", "int8-token-asym"), m
+    assert m["linear_scheme"] == "+".join(sorted({scheme[b] for n, b in bits.items()
+                                                  if n not in ("embed_tokens.weight", "lm_head.weight")}))

@@ -10,7 +10,7 @@ from export.targets.executorch import lowering
 class ExecuTorch(Target):
     name = "executorch"
     flavours = lowering.FLAVOURS
-    # Traced without fp32 weights, the linears' int4 codes as untouched placeholders unpacked only
+    # Traced without fp32 weights, the linears' int4/int8 codes as untouched placeholders unpacked only
     # while XNNPACK packs each (then the shared copy is freed on last use), the KV cache as
     # untouched zeros (ExecuTorch does not serialize a mutable buffer's initial state, so it is
     # never resident), the .pte streamed to its file: what stays resident is the shared
@@ -20,6 +20,9 @@ class ExecuTorch(Target):
     bytes_per_parameter = 1.1
     relative_cost = 2.8  # measured on SmolLM2: 183 s vs ONNX 65 s, Core ML 104 s
     holds_cache = False
+    # int4: 8da4w linears (XNNPACK qd8-f32-qb4w), embedding_4bit; int8: 8da8w linears
+    # (qd8-f32-qc8w, one scale per row), embedding_byte; float: fp32
+    precisions = frozenset({"int4", "int8", "float"})
 
     def lower(self, job):
         return lowering.lower(job)

@@ -1,12 +1,14 @@
-"""int4 codes that exist one weight at a time, while XNNPACK packs them (executorch 1.5.1).
+"""Linear codes that exist one weight at a time, while XNNPACK packs them (executorch 1.5.1).
 
-torchao's ``IntxUnpackedToInt8Tensor`` holds one byte per int4 code, and torch.export,
-to_edge and the partitioner only need its shape and dtype: the values are first read when
-XNNPACK's preprocess serializes a delegated weight (``NodeVisitor.get_serialized_buffer_index``
--> ``get_param_tensor``), which packs them two a byte into its named data. So a linear's codes
-are traced as ``untouched_zeros`` (not resident) and ``LazyCodes`` hands the real codes, unpacked
-from the shared quantization, to that one read, then forgets them. The codes XNNPACK packs are
-the same bytes as before, so is the .pte.
+torchao's ``IntxUnpackedToInt8Tensor`` holds one byte per code (int4 or int8), and
+torch.export, to_edge and the partitioner only need its shape and dtype: the values are first
+read when XNNPACK's preprocess serializes a delegated weight
+(``NodeVisitor.get_serialized_buffer_index`` -> ``get_param_tensor``), which packs int4 codes two
+a byte into its named data and copies int8 codes as they are. So a linear's codes are traced as
+``untouched_zeros`` (not resident) and ``LazyCodes`` hands the real codes (int4 unpacked from the
+shared quantization, int8 its stored tensor itself) to that one read, then forgets them -- and,
+releasing, the shared weight too. The codes XNNPACK stores are the same bytes as before, so is
+the .pte.
 
 A placeholder that no XNNPACK preprocess asked for would be serialized as zeros: ``check``
 refuses that after lowering.
@@ -20,6 +22,22 @@ import copy
 import torch
 
 from edgellm.decoder import untouched_zeros
+
+
+def check_codes(codes: torch.Tensor, qw, name: str = "") -> torch.Tensor:
+    """``codes``, if they are int8 of ``qw``'s shape and in its range (int4 [-8, 7]; int8
+    [-128, 127], any byte); a view into a larger storage is copied (XNNPACK serializes a
+    weight's whole storage)."""
+    where = f"{name}: " if name else ""
+    if codes.dtype != torch.int8 or tuple(codes.shape) != tuple(qw.shape):
+        raise ValueError(f"{where}int{qw.bits} codes must be int8 {tuple(qw.shape)}, got {codes.dtype} "
+                         f"{tuple(codes.shape)}")
+    lo, hi = qw.quant_range
+    if qw.bits == 4 and (int(codes.min()) < lo or int(codes.max()) > hi):
+        raise ValueError(f"{where}int4 codes outside [{lo}, {hi}] (got [{int(codes.min())}, {int(codes.max())}])")
+    if not codes.is_contiguous() or codes.storage_offset() or codes.untyped_storage().nbytes() != codes.numel():
+        codes = codes.clone(memory_format=torch.contiguous_format)
+    return codes
 
 
 class LazyCodes:
@@ -44,9 +62,7 @@ class LazyCodes:
         if entry is None:
             return t
         name, qw, _ = entry
-        codes = qw.codes
-        if int(codes.min()) < -8 or int(codes.max()) > 7:
-            raise ValueError(f"{name}: int4 codes outside [-8, 7] (got [{int(codes.min())}, {int(codes.max())}])")
+        codes = check_codes(qw.codes, qw, name)
         if self.release:
             qw.release()
         self.packed += 1
@@ -57,7 +73,7 @@ class LazyCodes:
     def check(self) -> None:
         if self._pending:
             names = sorted(n for n, _, _ in self._pending.values())
-            raise RuntimeError(f"executorch: {len(names)} int4 weights were not packed by XNNPACK (e.g. {names[:3]}); "
+            raise RuntimeError(f"executorch: {len(names)} quantized weights were not packed by XNNPACK (e.g. {names[:3]}); "
                                "their placeholder codes would be serialized as zeros")
 
     @contextlib.contextmanager

@@ -11,9 +11,13 @@ buffers that persist between calls. Two flavours of the same decoder (``FLAVOURS
 - ``fast``: ExecuTorch's LLM custom ops (``llama::update_cache``, ``llama::custom_sdpa``),
   which attend only to the filled part of the cache; needs the custom-ops library at runtime.
 
-int4: linears are 8da4w (int8 dynamic per-token activations, int4 weights) and the embedding
-is 4-bit weight-only, both built from the codes and scales of the shared quantization
-(``job.quant``) as torchao ``IntxUnpackedToInt8Tensor`` -- nothing is re-quantized here.
+Quantized weights come from the codes and scales of the shared quantization (``job.quant``)
+as torchao ``IntxUnpackedToInt8Tensor`` -- nothing is re-quantized here. int4 linears are 8da4w
+(int8 dynamic per-token activations, 4-bit group-wise weights: XNNPACK qd8-f32-qb4w), int8
+linears (and head) 8da8w (the same activations, 8-bit per-row weights: qd8-f32-qc8w); an int4
+embedding is ``embedding_4bit``, an int8 one ``embedding_byte`` (per-row scales), both
+weight-only gathers of the portable quantized kernels. A tied int8 embedding/head is one set of
+codes, read by both.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import nn
 from edgellm.decoder import Decoder, fill
 from edgellm.tokenizer import Tokenizer, runner_json
 from export.targets import Flavour
-from export.targets.executorch.lazy_codes import LazyCodes, constants_shared_with_preprocess
+from export.targets.executorch.lazy_codes import LazyCodes, check_codes, constants_shared_with_preprocess
 from export.targets.executorch.lean_edge import lean_edge
 from export.targets.executorch.lean_lowering import lean_lowering, supported
 from export.transforms import Transform
@@ -55,34 +59,50 @@ def _xnnpack():
 PARTITIONERS = {"xnnpack": _xnnpack}  # a flavour names its partitioners; a new delegate adds one entry
 
 
-# ---- the shared int4 quantization as torchao tensor subclasses ----
+# ---- the shared quantization as torchao tensor subclasses ----
+
+_TARGET_DTYPE = {4: torch.int4, 8: torch.int8}
+
 
 def intx_tensor(qw, activations: bool, codes: torch.Tensor | None = None):
-    """``QuantizedWeight`` -> ``IntxUnpackedToInt8Tensor`` carrying exactly its codes and scales.
-    ``codes``: a placeholder for them (``lazy_codes``), whose range is checked when resolved."""
+    """``QuantizedWeight`` (int4 or int8) -> ``IntxUnpackedToInt8Tensor`` carrying exactly its
+    codes and scales: int4 in groups of ``group_size`` along the inputs, int8 one scale per row
+    (block (1, cols)). ``codes``: a placeholder for them (``lazy_codes``), whose range is checked
+    when resolved."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
 
     if qw.zero_points is not None:
         raise ValueError("XNNPACK's 4-bit kernels are symmetric but this quantization has zero points; "
                          "set quantization.symmetric: true in the recipe")
+    if qw.bits == 8 and qw.group_size != qw.shape[1]:
+        raise ValueError(f"XNNPACK's 8-bit kernels take one scale per row, got groups of {qw.group_size} in rows "
+                         f"of {qw.shape[1]} (quantize with edgellm.quantization, whose int8 is per row)")
     if codes is None:
-        codes = qw.codes.to(torch.int8)
-        if int(codes.min()) < -8 or int(codes.max()) > 7:
-            raise ValueError(f"int4 codes outside [-8, 7] (got [{int(codes.min())}, {int(codes.max())}])")
+        codes = check_codes(qw.codes.to(torch.int8), qw)
     scales = qw.scales.to(torch.float32)
-    if not torch.equal(scales.to(torch.bfloat16).to(torch.float32), scales):
+    if qw.bits == 4 and not torch.equal(scales.to(torch.bfloat16).to(torch.float32), scales):
         raise ValueError("int4 scales are not exact in bf16, which XNNPACK stores them as: the lowering would "
                          "round them a second time (quantize with edgellm.quantization, whose scales are)")
     act = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if activations else None
-    return IntxUnpackedToInt8Tensor(codes, scales, torch.zeros(scales.shape, dtype=torch.int8), torch.int4,
-                                    (1, qw.group_size), torch.float32, act)
+    return IntxUnpackedToInt8Tensor(codes, scales, torch.zeros(scales.shape, dtype=torch.int8),
+                                    _TARGET_DTYPE[qw.bits], (1, qw.group_size), torch.float32, act)
 
 
-def int4_weight(module: nn.Module, name: str, qw, lazy: LazyCodes | None = None) -> torch.Tensor:
-    """The int4 tensor XNNPACK takes for ``module``'s weight: 8da4w for a Linear (its codes a
-    placeholder when ``lazy``: XNNPACK packs every linear), weight-only for an Embedding (the
-    gather dequantizes; to_executorch packs it from the real codes)."""
+def scheme_of(module: nn.Module, qw) -> str:
+    """What XNNPACK / the portable kernels run for one quantized weight: ``8da4w`` / ``8da8w``
+    linears (int8 dynamic per-token activations; qd8-f32-qb4w / qd8-f32-qc8w), ``embedding_4bit``
+    / ``embedding_byte`` gathers."""
+    if isinstance(module, nn.Linear):
+        return f"8da{qw.bits}w"
+    return "embedding_4bit" if qw.bits == 4 else "embedding_byte"
+
+
+def quantized_tensor(module: nn.Module, name: str, qw, lazy: LazyCodes | None = None) -> torch.Tensor:
+    """The int4/int8 tensor XNNPACK takes for ``module``'s weight: 8da4w / 8da8w for a Linear
+    (its codes a placeholder when ``lazy``: XNNPACK packs every linear), weight-only for an
+    Embedding (the gather dequantizes; to_executorch makes it embedding_4bit / embedding_byte
+    from the real codes)."""
     if isinstance(module, nn.Linear):
         if module.in_features % qw.group_size:
             raise ValueError(f"{name}: in_features {module.in_features} is not a multiple of the group size "
@@ -93,24 +113,27 @@ def int4_weight(module: nn.Module, name: str, qw, lazy: LazyCodes | None = None)
     raise TypeError(f"quantized weight {name!r} belongs to a {type(module).__name__}, not a Linear/Embedding")
 
 
-def weighted_decoder(job, lazy: LazyCodes | None = None) -> tuple[Decoder, list[str]]:
+int4_weight = quantized_tensor  # the name it had while every quantized weight was int4
+
+
+def weighted_decoder(job, lazy: LazyCodes | None = None) -> tuple[Decoder, dict[str, str]]:
     """The flavour's decoder, built on the meta device and then given its tensors one at a time:
-    the shared int4 codes as torchao tensors for the quantized weights (placeholders for the
-    linears' codes with ``lazy``), the checkpoint's fp32 for the rest (norms), the buffers from
-    ``job.tensor_source()`` -- the fp32 model never exists.
-    Returns the decoder and the names of the weights it carries as int4."""
+    the shared int4/int8 codes as torchao tensors for the quantized weights (placeholders for
+    the linears' codes with ``lazy``), the checkpoint's fp32 for the rest (norms), the buffers
+    from ``job.tensor_source()`` -- the fp32 model never exists.
+    Returns the decoder and, per quantized weight carried, its scheme (``scheme_of``)."""
     model = job.decoder(meta=True)
     source = job.tensor_source()
     quant = job.quant.weights if job.quant is not None else {}
     unknown = sorted(set(quant) - {n for n, _ in model.named_parameters(remove_duplicate=False)})
     if unknown:
         raise KeyError(f"quantized weights {unknown[:3]} do not exist in the decoder")
-    done = []
+    done: dict[str, str] = {}
 
     def parameter(name, mod, _meta):
         if name in quant:
-            done.append(name)
-            return nn.Parameter(int4_weight(mod, name, quant[name], lazy), requires_grad=False)
+            done[name] = scheme_of(mod, quant[name])
+            return nn.Parameter(quantized_tensor(mod, name, quant[name], lazy), requires_grad=False)
         return nn.Parameter(source(name))  # a default Parameter, as a module built with weights has (the .pte records the flag)
 
     fill(model, parameter, source)
@@ -154,7 +177,7 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCode
 
     status("executorch: lower: edge dialect and XNNPACK partitioning")
     if lazy is not None:
-        lazy.on_packed = lambda n, total: status(f"executorch: lower: XNNPACK packed {n}/{total} int4 weights")
+        lazy.on_packed = lambda n, total: status(f"executorch: lower: XNNPACK packed {n}/{total} quantized weights")
     with lean_edge(), lean_lowering() as lean, \
             (constants_shared_with_preprocess() if lean else contextlib.nullcontext()), \
             (lazy.reading() if lazy is not None else contextlib.nullcontext()):
@@ -187,12 +210,27 @@ def delegation_census(ep) -> dict:
     return {"delegates": delegates, "outside": dict(sorted(outside.items()))}
 
 
+def schemes_record(schemes: dict[str, str]) -> dict:
+    """The manifest's account of the quantized weights (``weighted_decoder``'s schemes): the
+    decoder layers' linears (``8da4w``, ``8da8w``, ``8da4w+8da8w`` when mixed, ``fp32``), the
+    head and the embedding, and the dynamic activation arithmetic in front of every quantized
+    linear (XNNPACK qd8: int8 per token, asymmetric)."""
+    ends = ("embed_tokens.weight", "lm_head.weight")
+    linears = sorted({s for n, s in schemes.items() if n not in ends})
+    return {"linear_scheme": "+".join(linears) or "fp32",
+            "head_scheme": schemes.get("lm_head.weight", "fp32"),
+            "embedding_scheme": schemes.get("embed_tokens.weight", "fp32"),
+            "activation_scheme": "int8-token-asym" if any(s.startswith("8da") for s in schemes.values()) else None}
+
+
 def exported_program(job, lazy: LazyCodes | None = None):
-    """The program handed to lowering: (ExportedProgram, transforms applied, quantized names).
-    The decoder itself is not returned: the program holds its tensors, nothing else does."""
+    """The program handed to lowering: (ExportedProgram, transforms applied, quantized weights:
+    name -> scheme). The decoder itself is not returned: the program holds its tensors."""
     model, quantized = weighted_decoder(job, lazy)
     if quantized:
-        job.progress(f"executorch: {len(quantized)} weights as int4 (8da4w linears, 4-bit embedding)")
+        counts = Counter(quantized.values())
+        job.progress(f"executorch: {len(quantized)} quantized weights ("
+                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
     return export_program(model, job.loaded.config.max_seq_len), list(model.transforms), quantized
 
 
@@ -222,6 +260,6 @@ def lower(job) -> Path:
         manifest = job.manifest(PTE_FILE, applied, executorch={
             "flavour": flavour.name, "method": "forward", "dynamic_tokens": [1, cfg.max_seq_len - 1],
             "custom_ops": bool(flavour.options["custom_ops"]), "partitioners": list(flavour.options["partitioners"]),
-            "quantized_weights": len(quantized), "linear_scheme": "8da4w" if quantized else "fp32",
+            "quantized_weights": len(quantized), **schemes_record(quantized),
             "delegation": census, "runner_tokenizer": RUNNER_TOKENIZER})
         return w.commit(manifest)
