@@ -89,4 +89,6 @@ class ExecuTorchBackend(Backend):
         return cls(directory / manifest["artifact"], tokenizer, int(manifest["max_seq_len"]),
                    int(manifest["vocab_size"]), name=manifest.get("name", "executorch"), threads=options.threads,
                    custom_ops=bool(et.get("custom_ops")),
-                   activation_scheme="int8-token-asym" if et.get("linear_scheme") == "8da4w" else None)
+                   # recorded since int8 weights (8da8w); older manifests: only 8da4w quantizes activations
+                   activation_scheme=et.get("activation_scheme",
+                                            "int8-token-asym" if et.get("linear_scheme") == "8da4w" else None))
