@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgellm.artifact import read_manifest
+from edgellm.artifact import dir_size, read_manifest
 from edgellm.config import ModelConfig
 from edgellm.memory import available_bytes
 from edgellm.workers import cores, run_jobs
+from runtime.backend import load
+from runtime.backends.eager import EagerBackend
 from runtime.parity.harness import ParityReport, run_parity
 
 # Relative parity cost per target (SmolLM2, measured): Core ML's interpreter is the slowest
@@ -28,15 +30,12 @@ def compare(specs: list[str], reference: str | None = None, *, threads: int | No
     """One report per reference: ``reference`` for every SPEC if given, else for each activation
     arithmetic among the artifacts the eager model carrying it (rebuilt from the first manifest;
     one alive at a time, each an fp32 copy of the model, the checkpoint read once)."""
-    import runtime
-    from runtime.backends.eager import EagerBackend
-
     status = getattr(progress, "status", progress)
     opts = {"threads": threads} if threads is not None else {}
     candidates = {}
     for s in specs:
         status(f"loading {s}")
-        candidates[s] = runtime.load(s, **opts)
+        candidates[s] = load(s, **opts)
     manifests = [read_manifest(s, verify=False) for s in specs if not is_eager(s)]
     if reference is not None:
         groups = {None: candidates}
@@ -49,7 +48,7 @@ def compare(specs: list[str], reference: str | None = None, *, threads: int | No
     for scheme, group in groups.items():
         if reference is not None:
             status(f"loading reference {reference}")
-            ref = runtime.load(reference, **opts)
+            ref = load(reference, **opts)
         else:
             status(f"rebuilding the eager reference ({scheme or 'no activation quantization'}) from the manifest")
             ref = EagerBackend.reference_for(manifests[0], activations=scheme or False, **shared)
@@ -63,8 +62,6 @@ def compare(specs: list[str], reference: str | None = None, *, threads: int | No
 
 def _worker_bytes(specs: list[str]) -> int:
     """A worker's memory: the fp32 eager reference (4 bytes/parameter) plus its artifacts."""
-    from edgellm.artifact import dir_size
-
     params = max((ModelConfig.from_dict(read_manifest(s, verify=False)["config"]).num_parameters()
                   for s in specs if not is_eager(s)), default=0)
     return 4 * params + sum(dir_size(s) for s in specs if not is_eager(s)) + (600 << 20)
