@@ -151,7 +151,13 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
             tenth[0] = done * 10 // total
             show(f"quantizing: {done}/{total} tensors, {time.time() - t:.0f}s")
 
-    q = quantize(loaded.weights, qcfg, tied=loaded.config.tie_embeddings, progress=report)
+    def calibration():  # gptq only: the first tokens of the packaged calibration text
+        from edgellm.calibration import calibration_tokens
+
+        return calibration_tokens(loaded.tokenizer.encode, qcfg.calibration_tokens)
+
+    q = quantize(loaded.weights, qcfg, tied=loaded.config.tie_embeddings, progress=report,
+                 model_config=loaded.config, calibration=calibration)
     progress(f"quantized {len(q.weights)} tensors to int4 (group {qcfg.group_size}) in {time.time() - t:.1f}s")
     return q
 
