@@ -123,15 +123,22 @@ def hqq_weight(w: torch.Tensor, group_size: int, symmetric: bool = True, name: s
 # GPTQ
 
 
+F64_MAX_COLS = 4096  # wider inputs (a 7B's down_proj, 11008) factorise in fp32: 4 float64 copies
+# of an 11008² Hessian would be 3.9 GB, beyond the scale work's memory goals
+
+
 def _hinv(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of the damped inverse Hessian (float64 for a stable factorisation)."""
-    H = H.to(torch.float64).clone()
+    """Upper Cholesky factor of the damped inverse Hessian (float64 up to F64_MAX_COLS inputs,
+    else fp32 as in the GPTQ reference), one temporary at a time."""
+    H = H.to(torch.float64 if H.shape[0] <= F64_MAX_COLS else torch.float32, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     idx = torch.arange(H.shape[0])
     H[idx, idx] += GPTQ_DAMP * torch.diag(H).mean()
     L = torch.linalg.cholesky(H)
+    del H
     Hi = torch.cholesky_inverse(L)
+    del L
     return torch.linalg.cholesky(Hi, upper=True).to(torch.float32)
 
 

@@ -51,7 +51,7 @@ class QuantConfig:
     symmetric: bool = True  # int4 only: 8-bit codes are always symmetric (XNNPACK qc8w)
     method: str | None = None  # one of METHODS; None = scale-search (or the legacy scale_search's)
     scale_search: bool | None = None  # legacy spelling, read only: true = scale-search, false = rtn
-    calibration_tokens: int = 2048  # gptq: tokens of calibration text (edgellm.calibration)
+    calibration_tokens: int = 8192  # gptq: tokens of calibration text (edgellm.calibration), windows of 2048
 
     def __post_init__(self):
         if self.scheme not in ("int4", "none"):

@@ -154,7 +154,7 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
     def calibration():  # gptq only: the first tokens of the packaged calibration text
         from edgellm.calibration import calibration_tokens
 
-        return calibration_tokens(loaded.tokenizer.encode, qcfg.calibration_tokens)
+        return calibration_tokens(loaded.tokenizer().encode, qcfg.calibration_tokens)
 
     q = quantize(loaded.weights, qcfg, tied=loaded.config.tie_embeddings, progress=report,
                  model_config=loaded.config, calibration=calibration)
