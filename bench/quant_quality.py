@@ -120,8 +120,8 @@ def plot(rows, path: Path, tokens: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS, "
-                    "or indices into it")
+    ap.add_argument("--variants", default=None, help="indices into VARIANTS (comma-separated) or names "
+                    "(';'-separated); default all")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--png", default=None, help="plot perplexity against MB (with the peers) to this file")
     ap.add_argument("--threads", type=int, default=None)
@@ -135,7 +135,12 @@ def main(argv=None):
     shapes = loaded.weights.shapes  # names and shapes without reading a tensor
     fp32_bytes = sum(math.prod(s) * 4 for s in shapes.values())
     names = list(VARIANTS)
-    chosen = [names[int(v)] if v.isdigit() else v for v in args.variants.split(",")]
+    if args.variants is None:
+        chosen = list(names)
+    elif all(v.strip().isdigit() for v in args.variants.split(",")):
+        chosen = [names[int(v)] for v in args.variants.split(",")]
+    else:
+        chosen = [v.strip() for v in args.variants.split(";")]
     if "fp32" not in chosen:
         chosen.insert(0, "fp32")
     chosen.sort(key=lambda n: n != "fp32")
