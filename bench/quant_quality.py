@@ -125,7 +125,19 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--png", default=None, help="plot perplexity against MB (with the peers) to this file")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--from-json", nargs="+", default=None, help="only re-render the table (and --json, --png) "
+                    "from earlier runs' JSON files (rows merged in order; fp32 first)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        rows, seen = [], set()
+        for f in args.from_json:
+            for r in json.loads(Path(f).read_text())["results"]:
+                if r["method"] not in seen:
+                    seen.add(r["method"])
+                    rows.append(r)
+        rows.sort(key=lambda r: r["method"] != "fp32")
+        report(rows, args.tokens, 32, args.json, args.png)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -185,21 +197,26 @@ def main(argv=None):
         print(f"  {name}: ppl {ppl:.3f} kl {kl:.4f} top1 {top1:.3f} {nbytes / 1e6:.1f} MB "
               f"(quantize {qtime:.1f}s, forward {ftime:.1f}s)", file=sys.stderr, flush=True)
 
+    report(rows, tokens.numel(), base_cfg.group_size, args.json, args.png)
+
+
+def report(rows, n_tokens, group_size, json_path=None, png_path=None):
+    """Print the table; write the JSON and PNG."""
     fp32_ppl = rows[0]["ppl"]
-    print(f"\nSmolLM2-135M (weights: Q4_1 GGUF dequantized), US constitution, {tokens.numel()} tokens "
-          f"({tokens.numel() - 1} scored), group {base_cfg.group_size}")
+    print(f"\nSmolLM2-135M (weights: Q4_1 GGUF dequantized), US constitution, {n_tokens} tokens "
+          f"({n_tokens - 1} scored), group {group_size}")
     print(f"| {'configuration':<34} | {'ppl':>7} | {'x fp32':>6} | {'mean KL':>7} | {'top-1':>6} | {'MB':>6} | {'quant s':>7} |")
     print(f"|{'-' * 36}|{'-' * 9}|{'-' * 8}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 9}|")
     for r in rows:
         print(f"| {r['method']:<34} | {r['ppl']:7.3f} | {r['ppl'] / fp32_ppl:6.3f} | {r['kl']:7.4f} | "
               f"{r['top1']:6.3f} | {r['bytes'] / 1e6:6.1f} | {r['quantize_s']:7.1f} |")
-    out = {"tokens": tokens.numel(), "group_size": base_cfg.group_size, "results": rows,
+    out = {"tokens": n_tokens, "group_size": group_size, "results": rows,
            "peers": {k: {"ppl": p, "MB": mb} for k, (p, mb) in PEERS.items()},
            "note": "SmolLM2 weights are a Q4_1 GGUF dequantized (flatters Q4_1-like formats)"}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    if args.png:
-        plot(rows, Path(args.png), tokens.numel())
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=2))
+    if png_path:
+        plot(rows, Path(png_path), n_tokens)
 
 
 def _eval_path():
