@@ -33,6 +33,8 @@ from edgellm.model import resolve_model  # noqa: E402
 from edgellm.quantization import apply_reference, quantize  # noqa: E402
 
 E8 = dict(embedding="int8")  # tied: the head is the same tensor
+KV8 = {"layers.*.self_attn.k_proj.weight": "int8", "layers.*.self_attn.v_proj.weight": "int8",
+       "layers.0.*": "int8", "layers.29.*": "int8"}
 # name -> (QuantConfig overrides or None for fp32, dynamic activations)
 VARIANTS = {
     "fp32": (None, False),
@@ -51,6 +53,9 @@ VARIANTS = {
     "gptq asym, emb/head int8": (dict(method="gptq", symmetric=False, **E8), False),
     "all int8 (scale-search)": (dict(method="scale-search", linears="int8", **E8), False),
     "emb/head float (scale-search)": (dict(method="scale-search", embedding="float"), False),
+    # int8 where it is cheap or sensitive, staying <= 95 MB: k/v projections, first and last layer
+    "scale-search, emb/head + k/v + layers 0,29 int8": (dict(method="scale-search", **E8, overrides=KV8), False),
+    "gptq, emb/head + k/v + layers 0,29 int8": (dict(method="gptq", **E8, overrides=KV8), False),
 }
 
 # Peers measured on the same text (issue 13): name -> (ppl, MB)
@@ -164,7 +169,7 @@ def main(argv=None):
         qtime, nbytes, sha, summ = 0.0, fp32_bytes, None, {}
         if overrides is not None:
             cfg = dataclasses.replace(base_cfg, **overrides)
-            key = tuple(sorted(overrides.items()))
+            key = repr(sorted(overrides.items()))
             if key not in cache:
                 if cfg.method == "gptq" and calib is None:
                     from edgellm.calibration import calibration_tokens, check_disjoint, calibration_text
