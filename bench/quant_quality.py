@@ -210,10 +210,10 @@ def report(rows, n_tokens, group_size, json_path=None, png_path=None):
     fp32_ppl = rows[0]["ppl"]
     print(f"\nSmolLM2-135M (weights: Q4_1 GGUF dequantized), US constitution, {n_tokens} tokens "
           f"({n_tokens - 1} scored), group {group_size}")
-    print(f"| {'configuration':<34} | {'ppl':>7} | {'x fp32':>6} | {'mean KL':>7} | {'top-1':>6} | {'MB':>6} | {'quant s':>7} |")
-    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 8}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 9}|")
+    print(f"| {'configuration':<47} | {'ppl':>7} | {'x fp32':>6} | {'mean KL':>7} | {'top-1':>6} | {'MB':>6} | {'quant s':>7} |")
+    print(f"|{'-' * 49}|{'-' * 9}|{'-' * 8}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 9}|")
     for r in rows:
-        print(f"| {r['method']:<34} | {r['ppl']:7.3f} | {r['ppl'] / fp32_ppl:6.3f} | {r['kl']:7.4f} | "
+        print(f"| {r['method']:<47} | {r['ppl']:7.3f} | {r['ppl'] / fp32_ppl:6.3f} | {r['kl']:7.4f} | "
               f"{r['top1']:6.3f} | {r['bytes'] / 1e6:6.1f} | {r['quantize_s']:7.1f} |")
     out = {"tokens": n_tokens, "group_size": group_size, "results": rows,
            "peers": {k: {"ppl": p, "MB": mb} for k, (p, mb) in PEERS.items()},
