@@ -56,6 +56,8 @@ VARIANTS = {
     # int8 where it is cheap or sensitive, staying <= 95 MB: k/v projections, first and last layer
     "scale-search, emb/head + k/v + layers 0,29 int8": (dict(method="scale-search", **E8, overrides=KV8), False),
     "gptq, emb/head + k/v + layers 0,29 int8": (dict(method="gptq", **E8, overrides=KV8), False),
+    "gptq (32768 calib tokens), emb/head + k/v + layers 0,29 int8": (
+        dict(method="gptq", calibration_tokens=32768, **E8, overrides=KV8), False),
 }
 
 # Peers measured on the same text (issue 13): name -> (ppl, MB)
