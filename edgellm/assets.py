@@ -49,6 +49,12 @@ ASSETS: dict[str, Asset] = {
         "us-declaration.txt", "debian", "miscfiles",
         "usr/share/state/us-declaration.gz",
         "5901585a2ff579de7ba4b8fb15ba46e96f5523fb667546042055e8aea3a2d48e", gunzip=True),
+    # Calibration text for the calibration-based quantization (edgellm.calibration): Lee's
+    # background news corpus (plain English, one document a line), never the evaluation text.
+    "lee_background.cor": Asset(
+        "lee_background.cor", "pypi-wheel", "gensim==4.4.0",
+        "gensim/test/test_data/lee_background.cor",
+        "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"),
 }
 
 

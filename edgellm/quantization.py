@@ -21,7 +21,8 @@ every target carries bit-identical scales (an fp16-only scale would be rounded a
 ExecuTorch's lowering, ~0.2 % per group, which alone cost 9 points of top-1 agreement), and ``QuantizedWeight.dequantize`` is torchao's
 ``dequantize_affine`` — the reference weights every target is compared against.
 
-Scale choice (``scale_search: true``, the default): per group, a grid of candidate scales
+Scale choice (``method``: ``scale-search``, the default; ``rtn`` is the plain max-abs scale;
+``hqq`` and the calibrated ``gptq`` are in ``edgellm.quant_methods``): per group, a grid of candidate scales
 ``max|w| / a`` for a few a (and for asymmetric, candidate ranges shrunk from both ends) is scored by the
 (optionally importance-weighted) squared reconstruction error; the best one is then refined by
 alternating least squares (codes fixed → optimal scale → codes), keeping a refinement only if
@@ -160,6 +161,7 @@ class QuantizedWeight:
 class Quantization:
     config: QuantConfig
     weights: dict[str, QuantizedWeight]
+    calibration: dict | None = None  # calibrated methods: source asset, sha256, token count
     _summary: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def unique(self) -> list[tuple[str, QuantizedWeight]]:
@@ -198,7 +200,7 @@ class Quantization:
             "scheme": c.scheme, "group_size": c.group_size, "symmetric": c.symmetric,
             "linears": c.linears, "embedding": c.embedding, "head": c.head_precision,
             "overrides": dict(c.overrides), "precisions": precisions,
-            "method": "scale-search" if c.scale_search else "max-abs-rtn",
+            "method": c.method, "calibration": self.calibration,
             "quant_range": [SYM_QMIN, SYM_QMAX] if c.symmetric else [ASYM_QMIN, ASYM_QMAX],
             "scale_grid": "exact-in-bf16-and-fp16",  # every scale exact in both (see module docstring)
             "n_tensors": len(self.unique()),
@@ -426,10 +428,14 @@ def quantized_names(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: 
 
 @torch.no_grad()
 def quantize(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: bool,
-             progress: Callable[[int, int], None] | None = None) -> Quantization:
+             progress: Callable[[int, int], None] | None = None, model_config=None,
+             calibration: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> Quantization:
     """The shared quantization of a decoder state dict (see the module docstring), one tensor
     at a time, each at its precision (``precision_of``); ``progress(done, total)`` (tensors)
-    after each."""
+    after each. ``qcfg.method`` chooses the codes and scales (edgellm.quant_methods for hqq and
+    gptq); gptq also needs ``model_config`` (the ModelConfig) and ``calibration``: int64 token
+    ids of the calibration text (``edgellm.calibration.calibration_tokens``), or a callable
+    returning them (called only when needed)."""
     if qcfg.scheme != "int4":
         raise ValueError(f"quantize() needs scheme int4, got {qcfg.scheme!r}")
     if tied:
@@ -440,14 +446,25 @@ def quantize(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: bool,
         shape = state.shapes[src] if hasattr(state, "shapes") else tuple(state[src].shape)
         if precision_of(n, qcfg, tied) == "int4":
             _check_divisible(n, shape[1], qcfg.group_size)
+    from edgellm import quant_methods
+
+    if qcfg.method == "gptq":
+        if model_config is None or calibration is None:
+            raise ValueError("quantization.method gptq is calibrated: quantize() needs model_config and "
+                             "calibration tokens (edgellm.calibration.calibration_tokens)")
+        tokens = calibration() if callable(calibration) else calibration
+        weights = quant_methods.gptq_quantize(state, qcfg, model_config, tokens, tied, progress)
+        return Quantization(qcfg, {n: weights[n] for n in names}, quant_methods.calibration_summary(tokens))
     weights: dict[str, QuantizedWeight] = {}
     for i, n in enumerate(names):
+        bits = BITS[precision_of(n, qcfg, tied)]
         if tied and n == "lm_head.weight":
             weights[n] = weights["embed_tokens.weight"]
-        else:
-            weights[n] = quantize_weight(state[n], qcfg.group_size, qcfg.symmetric, qcfg.scale_search,
-                                         importance=_importance(state, n), name=n,
-                                         bits=BITS[precision_of(n, qcfg, tied)])
+        elif qcfg.method == "hqq":
+            weights[n] = quant_methods.hqq_weight(state[n], qcfg.group_size, qcfg.symmetric, name=n, bits=bits)
+        else:  # scale-search | rtn
+            weights[n] = quantize_weight(state[n], qcfg.group_size, qcfg.symmetric, qcfg.method == "scale-search",
+                                         importance=_importance(state, n), name=n, bits=bits)
         if progress is not None:
             progress(i + 1, len(names))
     return Quantization(qcfg, weights)

@@ -30,6 +30,9 @@ DEFAULT_RECIPE = "smollm2-135m"
 
 
 PRECISIONS = ("int4", "int8", "float")  # per tensor: 4-bit groups, 8-bit per row, or unquantized
+# How codes and scales are chosen (edgellm.quantization / edgellm.quant_methods); every method
+# gives the same format. gptq is calibration-based (edgellm.calibration), the others data-free.
+METHODS = ("scale-search", "rtn", "hqq", "gptq")
 
 
 @dataclass
@@ -46,7 +49,9 @@ class QuantConfig:
     head: str | None = None
     overrides: dict[str, str] = field(default_factory=dict)
     symmetric: bool = True  # int4 only: 8-bit codes are always symmetric (XNNPACK qc8w)
-    scale_search: bool = True  # error-minimizing per-group scale instead of max-abs
+    method: str | None = None  # one of METHODS; None = scale-search (or the legacy scale_search's)
+    scale_search: bool | None = None  # legacy spelling, read only: true = scale-search, false = rtn
+    calibration_tokens: int = 8192  # gptq: tokens of calibration text (edgellm.calibration), windows of 2048
 
     def __post_init__(self):
         if self.scheme not in ("int4", "none"):
@@ -64,9 +69,22 @@ class QuantConfig:
                 raise RecipeError(f"quantization.overrides keys must be tensor-name globs such as 'layers.0.*', "
                                   f"got {pattern!r}")
             _check_precision(precision, f"quantization.overrides[{pattern!r}]")
-        for name in ("symmetric", "scale_search"):
-            if not isinstance(getattr(self, name), bool):
-                raise RecipeError(f"quantization.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.symmetric, bool):
+            raise RecipeError(f"quantization.symmetric must be true or false, got {self.symmetric!r}")
+        if self.scale_search is not None:  # legacy field (recipes and manifests before `method`)
+            if not isinstance(self.scale_search, bool):
+                raise RecipeError(f"quantization.scale_search must be true or false, got {self.scale_search!r} "
+                                  f"(or use method: {' | '.join(METHODS)})")
+            legacy = "scale-search" if self.scale_search else "rtn"
+            if self.method is not None and self.method != legacy:
+                raise RecipeError(f"quantization.scale_search: {str(self.scale_search).lower()} contradicts "
+                                  f"method: {self.method}; drop scale_search (it is the old spelling of method)")
+            self.method, self.scale_search = legacy, None  # consumed: `method` is the one field
+        if self.method is None:
+            self.method = "scale-search"
+        if self.method not in METHODS:
+            raise RecipeError(f"quantization.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        checks.integer(self.calibration_tokens, "quantization.calibration_tokens", 16, 1 << 20)
 
     @property
     def head_precision(self) -> str:
@@ -120,7 +138,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "path"}
-        d["quantization"] = copy.deepcopy(vars(self.quantization))
+        d["quantization"] = {k: v for k, v in copy.deepcopy(vars(self.quantization)).items()
+                             if not (k == "scale_search" and v is None)}  # legacy input, consumed
         return d
 
 

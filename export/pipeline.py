@@ -18,6 +18,7 @@ import torch
 
 from edgellm import checks
 from edgellm.artifact import ArtifactWriter, artifact_name
+from edgellm.calibration import calibration_tokens
 from edgellm.decoder import Decoder, buffer_source
 from edgellm.errors import EdgeLLMError
 from edgellm.memory import available_bytes, peak_rss_mb, reset_peak_rss
@@ -153,13 +154,17 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
             tenth[0] = done * 10 // total
             show(f"quantizing: {done}/{total} tensors, {time.time() - t:.0f}s")
 
-    q = quantize(loaded.weights, qcfg, tied=loaded.config.tie_embeddings, progress=report)
+    def calibration():  # gptq only: the first tokens of the packaged calibration text
+        return calibration_tokens(loaded.tokenizer().encode, qcfg.calibration_tokens)
+
+    q = quantize(loaded.weights, qcfg, tied=loaded.config.tie_embeddings, progress=report,
+                 model_config=loaded.config, calibration=calibration)
     kinds = {}
     for _, qw in q.unique():
         kinds[qw.bits] = kinds.get(qw.bits, 0) + 1
     what = ", ".join(f"{n} int4 (group {qcfg.group_size})" if bits == 4 else f"{n} int8 (per row)"
                      for bits, n in sorted(kinds.items()))
-    progress(f"quantized {len(q.unique())} tensors in {time.time() - t:.1f}s: {what}")
+    progress(f"quantized {len(q.unique())} tensors ({qcfg.method}) in {time.time() - t:.1f}s: {what}")
     return q
 
 
