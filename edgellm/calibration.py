@@ -15,14 +15,14 @@ import re
 
 import torch
 
+from edgellm.assets import ASSETS, fetch
+
 CALIBRATION_ASSET = "lee_background.cor"
 EVALUATION_ASSETS = ("us-constitution.txt",)
 _SHINGLE = 8  # a run of this many words shared by both texts counts as overlap
 
 
 def calibration_text() -> str:
-    from edgellm.assets import fetch
-
     return fetch(CALIBRATION_ASSET).read_text(encoding="utf-8", errors="replace")
 
 
@@ -50,8 +50,6 @@ def check_disjoint(calibration: str, evaluation: str, k: int = _SHINGLE) -> None
 
 
 def evaluation_texts() -> dict[str, str]:
-    from edgellm.assets import fetch
-
     return {n: fetch(n).read_text(encoding="utf-8", errors="replace") for n in EVALUATION_ASSETS}
 
 
@@ -80,7 +78,5 @@ def calibration_tokens(encode, n: int, check: bool = True) -> torch.Tensor:
 
 def source() -> dict:
     """What a manifest records about the calibration text."""
-    from edgellm.assets import ASSETS
-
     a = ASSETS[CALIBRATION_ASSET]
     return {"asset": a.name, "package": a.package, "sha256": a.sha256}

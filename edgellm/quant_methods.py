@@ -41,6 +41,7 @@ tied head is that same tensor.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 import torch
@@ -51,7 +52,9 @@ from torchao.quantization.quant_primitives import (
     quantize_affine,
 )
 
-from edgellm import quantization as Q
+from edgellm import calibration
+from edgellm import quantization as Q  # a cycle, resolved at call time: quantization dispatches here
+from edgellm.rope import rope_tables
 
 GPTQ_BLOCK = 128
 GPTQ_DAMP = 0.01
@@ -243,10 +246,6 @@ def gptq_quantize(state: Mapping[str, torch.Tensor], qcfg, cfg, tokens: torch.Te
     """All quantized weights of a decoder by GPTQ, streaming layer by layer (module docstring).
     ``cfg``: the ModelConfig; ``tokens`` int64 [n] of calibration text, cut into windows of
     ``window`` tokens (the last one dropped if short, unless it is the only one)."""
-    import time
-
-    from edgellm.rope import rope_tables
-
     names = Q.quantized_names(state, qcfg, tied)
     total, done = len(names), 0
     weights: dict[str, Q.QuantizedWeight] = {}
@@ -340,8 +339,6 @@ def gptq_quantize(state: Mapping[str, torch.Tensor], qcfg, cfg, tokens: torch.Te
 
 
 def calibration_summary(tokens: torch.Tensor, window: int = 2048) -> dict:
-    from edgellm import calibration
-
     n = tokens.numel()
     W_ = min(window, n)
     used = max(1, n // W_) * W_

@@ -55,6 +55,7 @@ from torchao.quantization.quant_primitives import (
     quantize_affine,
 )
 
+from edgellm import quant_methods  # hqq, gptq; it imports this module back, used at call time only
 from edgellm.recipes import QuantConfig
 
 SYM_QMIN, SYM_QMAX = -8, 7
@@ -446,8 +447,6 @@ def quantize(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, tied: bool,
         shape = state.shapes[src] if hasattr(state, "shapes") else tuple(state[src].shape)
         if precision_of(n, qcfg, tied) == "int4":
             _check_divisible(n, shape[1], qcfg.group_size)
-    from edgellm import quant_methods
-
     if qcfg.method == "gptq":
         if model_config is None or calibration is None:
             raise ValueError("quantization.method gptq is calibrated: quantize() needs model_config and "

@@ -50,12 +50,13 @@ class _Recorder:
         self.statuses.append(message)
 
 
-def test_results_in_order_progress_streamed_one_process_per_worker():
+def test_results_in_order_progress_streamed_from_spawned_workers():
     rec = _Recorder()
     out = run_jobs(_square, [(i,) for i in range(4)], workers=2, progress=rec)
     assert [r for r, _ in out] == [0, 1, 4, 9]
     pids = {pid for _, pid in out}
-    assert len(pids) == 2 and os.getpid() not in pids  # two spawned workers, not this process
+    # spawned workers, not this process (a worker that starts first may take every quick job)
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids
     assert sorted(rec.lines) == [f"squaring {i}" for i in range(4)]
     assert any("still squaring" in s for s in rec.statuses)
 
