@@ -36,15 +36,23 @@ def _stop(signum, frame):
     raise _Stopped()
 
 
-def _init(q, threads: int) -> None:
+def _worker(q, threads: int, fn, job: int, args: tuple) -> None:
+    """One job in its own process: its messages, then its result or its exception, go to ``q``."""
     global _QUEUE
     _QUEUE = q
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     signal.signal(signal.SIGTERM, _stop)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
+    try:
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
+        q.put((job, "done", fn(*args, progress=_Progress(job))))
+    except BaseException as e:  # noqa: B036 -- reported to the parent, which decides
+        try:
+            q.put((job, "error", e))
+        except Exception:  # an exception that does not pickle still ends the run, as a message
+            q.put((job, "error", RuntimeError(f"{type(e).__name__}: {e}")))
 
 
 class _Progress:
@@ -60,52 +68,52 @@ class _Progress:
         _QUEUE.put((self.job, "status", message))
 
 
-def _run(fn, job: int, args: tuple):
-    return fn(*args, progress=_Progress(job))
-
-
 def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, progress=print,
-             poll_seconds: float = 0.1) -> list[Any]:
-    """``[fn(*args, progress=...) for args in jobs]``, at most ``workers`` at a time, each in its
-    own spawned process (``fn`` and ``args`` must pickle; start the longest job first). Each
+             poll_seconds: float = 0.2) -> list[Any]:
+    """``[fn(*args, progress=...) for args in jobs]``, at most ``workers`` at a time, each job in
+    its own spawned process (``fn`` and ``args`` must pickle; give the longest job first). Each
     job's messages reach ``progress`` (its ``.status`` shows every running job's current stage).
-    The first failure stops the other jobs and is raised here."""
+    The first failure stops the other jobs (SIGTERM: their cleanup runs) and is raised here."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     threads = max(1, cores() // max(1, workers))
     status = getattr(progress, "status", None)
     current: dict[int, str] = {}
-    pool = ctx.Pool(workers, initializer=_init, initargs=(q, threads))
+    results: dict[int, Any] = {}
+    running: dict[int, Any] = {}
+    todo = list(enumerate(jobs))
     try:
-        pending = [pool.apply_async(_run, (fn, i, tuple(args))) for i, args in enumerate(jobs)]
-        while True:
+        while todo or running:
+            while todo and len(running) < max(1, workers):
+                i, args = todo.pop(0)
+                p = ctx.Process(target=_worker, args=(q, threads, fn, i, tuple(args)), daemon=True)
+                p.start()
+                running[i] = p
             try:
-                job, kind, message = q.get(timeout=poll_seconds)
+                job, kind, payload = q.get(timeout=poll_seconds)
             except queue_mod.Empty:
-                pass
+                for i, p in list(running.items()):
+                    if not p.is_alive() and p.exitcode != 0:  # died without a word (e.g. killed)
+                        raise RuntimeError(f"worker for job {i} exited with code {p.exitcode}")
+                continue
+            if kind == "done":
+                results[job] = payload
+                running.pop(job).join()
+            elif kind == "error":
+                running.pop(job).join()
+                raise payload
             else:
                 if kind == "line":
-                    progress(message)
-                current[job] = message
+                    progress(payload)
+                current[job] = payload
                 if status is not None:
                     status("  ·  ".join(current[j] for j in sorted(current)))
-                continue
-            for r in pending:
-                if r.ready() and not r.successful():
-                    r.get()  # raises the job's exception
-            if all(r.ready() for r in pending):
-                break
-        while True:  # the last messages
-            try:
-                job, kind, message = q.get_nowait()
-            except queue_mod.Empty:
-                break
-            if kind == "line":
-                progress(message)
-        results = [r.get() for r in pending]
-        pool.close()
-        pool.join()
-        return results
+        return [results[i] for i in range(len(jobs))]
     finally:
-        pool.terminate()  # on any exit path: a no-op after close/join, else SIGTERM -> each job's cleanup
-        pool.join()
+        for p in running.values():  # on failure or interruption: SIGTERM -> each job's cleanup
+            p.terminate()
+        for p in running.values():
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join()
