@@ -82,10 +82,7 @@ def hqq_weight(w: torch.Tensor, group_size: int, symmetric: bool = True, name: s
     if w.dim() != 2:
         raise ValueError(f"cannot quantize {name}: expected a 2-D weight, got shape {tuple(w.shape)}")
     rows, cols = w.shape
-    if bits == 8:
-        group_size, symmetric = cols, True
-    qmin, qmax = (Q.INT8_QMIN, Q.INT8_QMAX) if bits == 8 else (
-        (Q.SYM_QMIN, Q.SYM_QMAX) if symmetric else (Q.ASYM_QMIN, Q.ASYM_QMAX))
+    group_size, symmetric, (qmin, qmax) = Q.code_format(bits, group_size, symmetric, cols)
     Q._check_divisible(name, cols, group_size)
     n_groups = cols // group_size
     scales = torch.empty(rows, n_groups)
@@ -150,10 +147,7 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bo
                 search: bool = True, name: str = "weight", Hinv: torch.Tensor | None = None) -> Q.QuantizedWeight:
     """GPTQ of one 2-D weight [rows, cols] given the Hessian H [cols, cols] of its inputs."""
     rows, cols = w.shape
-    if bits == 8:
-        group_size, symmetric = cols, True
-    qmin, qmax = (Q.INT8_QMIN, Q.INT8_QMAX) if bits == 8 else (
-        (Q.SYM_QMIN, Q.SYM_QMAX) if symmetric else (Q.ASYM_QMIN, Q.ASYM_QMAX))
+    group_size, symmetric, (qmin, qmax) = Q.code_format(bits, group_size, symmetric, cols)
     Q._check_divisible(name, cols, group_size)
     W = w.detach().to(torch.float32).clone()
     dead = torch.diag(H) == 0

@@ -299,6 +299,14 @@ def _search_asym(G, W):
     return s_best, z_best
 
 
+def code_format(bits: int, group_size: int, symmetric: bool, cols: int) -> tuple[int, bool, tuple[int, int]]:
+    """(group size, symmetric, code range) of a ``bits``-bit weight with ``cols`` inputs: int8 is
+    always symmetric with one group per row; int4 keeps the recipe's group and symmetry."""
+    if bits == 8:
+        return cols, True, (INT8_QMIN, INT8_QMAX)
+    return group_size, symmetric, ((SYM_QMIN, SYM_QMAX) if symmetric else (ASYM_QMIN, ASYM_QMAX))
+
+
 def _check_divisible(name: str, cols: int, group_size: int):
     if cols % group_size:
         divisors = [d for d in range(2, cols + 1, 2) if cols % d == 0]
@@ -320,9 +328,7 @@ def quantize_weight(w: torch.Tensor, group_size: int, symmetric: bool = True, sc
     if w.dim() != 2:
         raise ValueError(f"cannot quantize {name}: expected a 2-D weight, got shape {tuple(w.shape)}")
     rows, cols = w.shape
-    if bits == 8:
-        group_size, symmetric = cols, True
-    qmin, qmax = (INT8_QMIN, INT8_QMAX) if bits == 8 else (SYM_QMIN, SYM_QMAX)
+    group_size, symmetric, (qmin, qmax) = code_format(bits, group_size, symmetric, cols)
     _check_divisible(name, cols, group_size)
     n_groups = cols // group_size
     Wimp = None

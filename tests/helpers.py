@@ -116,3 +116,16 @@ def model_from_hf_config(hf: dict, max_seq_len: int | None = None, seed: int = 0
     from edgellm.recipes import load_recipe
 
     return seeded_model(load_recipe("tiny"), config_from_hf(hf, max_seq_len=max_seq_len), seed)
+
+
+def rand_weight(rows=64, cols=256, seed=0):
+    """A seeded random weight with an outlier column (what makes scale choice matter)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[:, 3] *= 8
+    return w
+
+
+def scale_exact(t):
+    """Exact in fp16 (Core ML, ONNX) and in bf16 (XNNPACK's blockwise scales)."""
+    return all(torch.equal(t.to(dt).to(torch.float32), t) for dt in (torch.float16, torch.bfloat16))

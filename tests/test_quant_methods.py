@@ -13,17 +13,7 @@ from edgellm import quant_methods as M
 from edgellm.errors import EdgeLLMError
 from edgellm.quantization import quantize, quantize_weight
 from edgellm.recipes import QuantConfig, RecipeError
-
-
-def _rand_weight(rows=64, cols=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * 0.02
-    w[:, 3] *= 8  # an outlier column
-    return w
-
-
-def _scale_exact(t):
-    return all(torch.equal(t.to(dt).to(torch.float32), t) for dt in (torch.float16, torch.bfloat16))
+from helpers import rand_weight as _rand_weight, scale_exact as _scale_exact
 
 
 def _check_format(qw, shape, symmetric, bits=4):

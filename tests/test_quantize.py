@@ -17,18 +17,7 @@ from edgellm.quantization import (
     rtn_torchao,
 )
 from edgellm.recipes import QuantConfig
-
-
-def _rand_weight(rows=64, cols=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * 0.02
-    w[:, 3] *= 8  # an outlier column
-    return w
-
-
-def _scale_exact(t):
-    """Exact in fp16 (Core ML, ONNX) and in bf16 (XNNPACK's blockwise scales)."""
-    return all(torch.equal(t.to(dt).to(torch.float32), t) for dt in (torch.float16, torch.bfloat16))
+from helpers import rand_weight as _rand_weight, scale_exact as _scale_exact
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
