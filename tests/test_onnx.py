@@ -192,12 +192,32 @@ def smol_int4_a8_ref(smollm2, smollm2_quant):
                                     activations="int8-block-sym")
 
 
-def test_matmulnbits_acc4_is_block_int8_activation_arithmetic():
-    """One MatMulNBits at accuracy_level 4 equals the eager 'int8-block-sym' fake-quant reference
-    to float rounding (and differs from weight-only by the activation quantization)."""
+def _run_matmulnbits(x, data, scales, K, N, bits, block, level):
+    """One com.microsoft MatMulNBits on ONNX Runtime's CPU provider (1 thread): ``x`` [M, K] -> [M, N]."""
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
+
+    M = x.shape[0]
+    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=K, N=N, bits=bits,
+                            block_size=block, accuracy_level=level)
+    graph = helper.make_graph(
+        [node], "mm", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [M, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [M, N])],
+        [numpy_helper.from_array(data.reshape(N, K // block, block * bits // 8), "B"),
+         numpy_helper.from_array(scales.reshape(-1), "S")])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                   helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"A": x.numpy()})[0])
+
+
+def test_matmulnbits_acc4_is_block_int8_activation_arithmetic():
+    """One MatMulNBits at accuracy_level 4 equals the eager 'int8-block-sym' fake-quant reference
+    to float rounding (and differs from weight-only by the activation quantization)."""
+    import torch
 
     from edgellm.quantization import fake_quantize_activation, quantize_weight
     from export.targets.onnx.lowering import onnx_int4
@@ -206,21 +226,9 @@ def test_matmulnbits_acc4_is_block_int8_activation_arithmetic():
     K, N, M = 128, 96, 5
     qw = quantize_weight(torch.randn(N, K, generator=g) * 0.05, 32)
     t = onnx_int4(qw)
-    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=K, N=N, bits=4,
-                            block_size=32, accuracy_level=4)
-    graph = helper.make_graph(
-        [node], "mm", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [M, K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [M, N])],
-        [numpy_helper.from_array(t["data"].reshape(N, K // 32, 16), "B"),
-         numpy_helper.from_array(t["scales"].reshape(-1), "S")])
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
-                                                                   helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = torch.randn(M, K, generator=g) * 2
     x[:, 5] *= 10  # an outlier channel: per-block scales must follow it
-    y = torch.from_numpy(sess.run(None, {"A": x.numpy()})[0])
+    y = _run_matmulnbits(x, t["data"], t["scales"], K, N, bits=4, block=32, level=4)
     ref = fake_quantize_activation(x, "int8-block-sym", 32) @ qw.dequantize().T
     weight_only = x @ qw.dequantize().T
     rel = float((y - ref).abs().max() / ref.abs().max())
@@ -302,9 +310,7 @@ def test_matmulnbits_int8_acc4_quantizes_activations_per_block_size():
     """MatMulNBits bits=8 with a row's scale repeated per block: accuracy_level 0 is the exact
     int8 dequantization; accuracy_level 4 quantizes the input per block_size (not per row), which
     is the block the eager reference gives an int8 weight (``activation_block``)."""
-    import onnxruntime as ort
     import torch
-    from onnx import TensorProto, helper, numpy_helper
 
     from edgellm.quantization import activation_block, fake_quantize_activation, quantize_weight
     from edgellm.recipes import QuantConfig
@@ -321,19 +327,7 @@ def test_matmulnbits_int8_acc4_quantizes_activations_per_block_size():
     W = qw.dequantize()
     out = {}
     for level in (0, 4):
-        node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=K, N=N, bits=8,
-                                block_size=block, accuracy_level=level)
-        graph = helper.make_graph(
-            [node], "mm", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [M, K])],
-            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [M, N])],
-            [numpy_helper.from_array(t["data"].reshape(N, K // block, block), "B"),
-             numpy_helper.from_array(t["scales"].reshape(-1), "S")])
-        model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
-                                                                       helper.make_opsetid("com.microsoft", 1)])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        out[level] = torch.from_numpy(sess.run(None, {"A": x.numpy()})[0])
+        out[level] = _run_matmulnbits(x, t["data"], t["scales"], K, N, bits=8, block=block, level=level)
     den = float((x @ W.T).abs().max())
     rel = lambda a, b: float((a - b).abs().max()) / den  # noqa: E731
     assert rel(out[0], x @ W.T) <= 1e-6, "accuracy_level 0 is not the exact int8 dequantization"
