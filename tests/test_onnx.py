@@ -129,7 +129,7 @@ def test_asymmetric_codes_and_zero_points_carried(export_artifact, tiny):
     from edgellm.model import LoadedModel
     from edgellm.quantization import quantize
 
-    rec = replace(tiny.recipe, quantization=replace(tiny.recipe.quantization, symmetric=False, scale_search=False))
+    rec = replace(tiny.recipe, quantization=replace(tiny.recipe.quantization, symmetric=False, method="rtn"))
     loaded = LoadedModel(rec, tiny.config, tiny.weights)
     q = quantize(loaded.weights, rec.quantization, tied=loaded.config.tie_embeddings)
     assert any(qw.zero_points is not None for qw in q.weights.values())
