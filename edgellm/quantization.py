@@ -101,6 +101,20 @@ class QuantizedWeight:
         u = (codes.to(torch.int16) + (8 if zero_points is None else 0)).to(torch.uint8)
         self.packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()  # element 2j in the low nibble
 
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                    group_size: int, bits: int, shape: tuple[int, int]) -> "QuantizedWeight":
+        """A weight from its stored form (``packed`` as this class holds it), e.g. read back from disk."""
+        rows, cols = shape
+        want = (rows, cols // 2) if bits == 4 else (rows, cols)
+        if tuple(packed.shape) != want or scales.shape[0] != rows:
+            raise ValueError(f"stored int{bits} weight of shape {tuple(shape)} has packed {tuple(packed.shape)}, "
+                             f"scales {tuple(scales.shape)}")
+        qw = cls.__new__(cls)
+        qw.packed, qw.scales, qw.zero_points = packed.contiguous(), scales, zero_points
+        qw.group_size, qw.bits, qw._shape = group_size, bits, torch.Size(shape)
+        return qw
+
     @property
     def codes(self) -> torch.Tensor:
         """int8 [rows, cols] (int8 weights: the stored tensor itself; treat it as read-only)."""

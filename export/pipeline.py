@@ -7,6 +7,7 @@ writes its files through ``job.writer()`` (the one artifact contract).
 
 from __future__ import annotations
 
+import math
 import pickle
 import time
 from contextlib import contextmanager
@@ -18,12 +19,12 @@ import torch
 
 from edgellm import checks
 from edgellm.artifact import ArtifactWriter, artifact_name
-from edgellm.calibration import calibration_tokens
 from edgellm.decoder import Decoder, buffer_source
 from edgellm.errors import EdgeLLMError
 from edgellm.memory import available_bytes, peak_rss_mb, reset_peak_rss
 from edgellm.model import LoadedModel, resolve_model
-from edgellm.quantization import Quantization, apply_reference, quantize
+from edgellm.quant_store import quantize_loaded
+from edgellm.quantization import Quantization, apply_reference, precision_of
 from edgellm.rope import frozen_note
 from edgellm.workers import cores, run_jobs
 from export import targets as target_registry
@@ -154,11 +155,7 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
             tenth[0] = done * 10 // total
             show(f"quantizing: {done}/{total} tensors, {time.time() - t:.0f}s")
 
-    def calibration():  # gptq only: the first tokens of the packaged calibration text
-        return calibration_tokens(loaded.tokenizer().encode, qcfg.calibration_tokens)
-
-    q = quantize(loaded.weights, qcfg, tied=loaded.config.tie_embeddings, progress=report,
-                 model_config=loaded.config, calibration=calibration)
+    q = quantize_loaded(loaded, progress=report, note=progress)
     kinds = {}
     for _, qw in q.unique():
         kinds[qw.bits] = kinds.get(qw.bits, 0) + 1
@@ -186,10 +183,18 @@ def estimated_peak_bytes(cfg, target: Target) -> int:
                + TRANSIENT_BYTES_PER_ELEMENT * largest + (cfg.kv_cache_bytes() if target.holds_cache else 0))
 
 
-def estimated_artifact_bytes(cfg, quantized: bool = True) -> int:
-    """Disk an artifact takes: int4 at 0.64 bytes/parameter (codes, scales and the float norms;
-    measured 4.31 GB for XGen-7B's .onnx), fp32 at 4, plus the tokenizer files."""
-    return int(cfg.num_parameters() * (0.64 if quantized else 4.0)) + (16 << 20)
+def estimated_artifact_bytes(loaded: LoadedModel, quantized: bool = True) -> int:
+    """Disk an artifact takes, per tensor at its precision: int4 0.5 bytes a weight plus an fp32
+    scale a group (ONNX's form, the largest; measured 4.31 GB for XGen-7B's .onnx, 0.64 B/param),
+    int8 1 byte plus the same, float 4 (a tied head once), plus the tokenizer files."""
+    qcfg, tied = loaded.recipe.quantization, loaded.config.tie_embeddings
+    per_weight = {"int4": 0.5 + 4 / qcfg.group_size, "int8": 1 + 4 / qcfg.group_size, "float": 4.0}
+    total = 0.0
+    for name, shape in loaded.weights.shapes.items():
+        if tied and name == "lm_head.weight":
+            continue
+        total += math.prod(shape) * (per_weight[precision_of(name, qcfg, tied)] if quantized else 4.0)
+    return int(total) + (16 << 20)
 
 
 def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | None = None) -> None:
@@ -267,7 +272,7 @@ def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant:
     if memory_check:
         check_memory(loaded, chosen)
     loaded.tokenizer()  # resolved (and checked against the vocabulary) now, written with each artifact
-    checks.output_dir(out, need_bytes=sum(estimated_artifact_bytes(loaded.config, quant != "none") for _ in chosen))
+    checks.output_dir(out, need_bytes=sum(estimated_artifact_bytes(loaded, quant != "none") for _ in chosen))
     owned = False
     if quant == "none":
         quantization = None

@@ -192,38 +192,5 @@ def test_calibration_tokens_deterministic(smollm2):
 # ---------------------------------------------------------------------------------------------- quality (slow)
 
 
-# The best symmetric configuration <= 95 MB measured by bench/quant_quality.py (issue 13): GPTQ,
-# int8 tied embedding/head, int8 k/v projections and first/last layer: ppl 9.816, 94.1 MB.
-BEST = dict(method="gptq", embedding="int8", symmetric=True,
-            overrides={"layers.*.self_attn.k_proj.weight": "int8", "layers.*.self_attn.v_proj.weight": "int8",
-                       "layers.0.*": "int8", "layers.29.*": "int8"})
-BEST_PPL = 9.816
-
-
-@pytest.mark.slow
-def test_smollm2_best_config_quality_bound():
-    """Regression bound for the recommended configuration: perplexity on the first 2048 tokens
-    of the US constitution within 3 % of the measured figure, under 95 MB. (SmolLM2's weights
-    are a Q4_1 GGUF dequantized, which flatters Q4_1-like formats.)"""
-    from edgellm.calibration import calibration_tokens
-    from edgellm.model import resolve_model
-    from edgellm.quantization import apply_reference
-
-    torch.set_num_threads(1)
-    loaded = resolve_model(recipe="smollm2-135m", max_seq_len=2048)
-    cfg = dataclasses.replace(loaded.recipe.quantization, **BEST)
-    tok = loaded.tokenizer()
-    q = quantize(loaded.weights, cfg, tied=True, model_config=loaded.config,
-                 calibration=calibration_tokens(tok.encode, cfg.calibration_tokens))
-    from edgellm.assets import fetch
-
-    ids = torch.tensor(tok.encode(fetch("us-constitution.txt").read_text())[:2048])
-    model = apply_reference(loaded.decoder(), q)
-    with torch.no_grad():
-        logits = model(ids[None], torch.arange(ids.numel()))[0, :-1]
-    ppl = math.exp(torch.nn.functional.cross_entropy(logits.float(), ids[1:]).item())
-    shapes = loaded.weights.shapes
-    nbytes = q.summary()["bytes"] + sum(math.prod(s) * 4 for k, s in shapes.items() if k not in q.weights)
-    print(f"\nSmolLM2 {BEST}: ppl {ppl:.3f}, {nbytes / 1e6:.1f} MB")
-    assert nbytes <= 95e6
-    assert ppl <= BEST_PPL * 1.03, ppl
+# The regression bound on the best configuration <= 95 MB is on the recipe's default, which is
+# that configuration: tests/test_quantize.py::test_default_quantization_quality_bound.

@@ -20,7 +20,8 @@ from edgellm.decoder import SDPA
 from edgellm.errors import EdgeLLMError
 from edgellm.memory import available_bytes
 from edgellm.model import LoadedModel, model_from_manifest, resolve_model
-from edgellm.quantization import (Quantization, apply_reference, quantize, resolve_activation_scheme,
+from edgellm.quant_store import quantize_loaded
+from edgellm.quantization import (Quantization, apply_reference, resolve_activation_scheme,
                                   stream_reference)
 from runtime.backend import Backend, BackendOptions, Capabilities, register
 
@@ -63,11 +64,6 @@ def fast_attention(model: torch.nn.Module) -> torch.nn.Module:
             if type(child) is SDPA:
                 setattr(parent, name, FilledBlocksSDPA(child.n_heads, child.n_kv_heads, child.head_dim))
     return model
-
-
-def quantize_model(loaded: LoadedModel) -> Quantization:
-    """The shared int4 quantization of ``loaded`` with its recipe's settings."""
-    return quantize(loaded.weights, loaded.recipe.quantization, tied=loaded.config.tie_embeddings)
 
 
 @register
@@ -132,7 +128,7 @@ class EagerBackend(Backend):
         quant = None
         model = None if int4 else loaded.decoder()
         if int4:
-            quant = quantization or quantize_model(loaded)
+            quant = quantization or quantize_loaded(loaded)
             if 4 * loaded.config.num_parameters() > STREAM_FP32_ABOVE:  # dequantize each weight as it is read
                 model = stream_reference(loaded.decoder(skip=set(quant.weights)), quant, activations=activations)
             else:
@@ -172,7 +168,7 @@ class EagerBackend(Backend):
         if int4 is None:
             int4 = recorded.get("scheme", "none") != "none"
         if int4 and "quantization" not in kw:
-            quant = quantize_model(loaded)
+            quant = quantize_loaded(loaded)
             digest = quant.summary().get("sha256")
             if recorded.get("sha256") and digest != recorded["sha256"]:
                 raise ValueError(f"artifact {manifest.get('name')} carries a different int4 quantization than "
