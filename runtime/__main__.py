@@ -72,6 +72,7 @@ def cmd_generate(args) -> int:
     from runtime.generate import SamplingConfig, generate
 
     checks.text(args.prompt, "--prompt", fix="give the text to continue")
+    checks.integer(args.speculate, "--speculate", 0, 64, fix="0 turns speculation off")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     backend = _backend(args.spec, args)
@@ -82,15 +83,23 @@ def cmd_generate(args) -> int:
     if stream:
         out.write(before + args.prompt + between)
         out.flush()
-    res = generate(backend, args.prompt, cfg, on_text=stream, chat=args.chat)
+    res = generate(backend, args.prompt, cfg, on_text=stream, chat=args.chat, speculate=args.speculate)
     if stream:
         out.write("\n")
     else:
         print(before + args.prompt + between + res.text, file=out)
     print(f"[{backend.name}] prompt {len(res.prompt_ids)} tok at {res.prefill_tok_s:.1f} tok/s, "
-          f"generated {len(res.tokens)} tok at {res.decode_tok_s:.1f} tok/s, stopped: {res.stopped}",
-          file=TERM.err)
+          f"generated {len(res.tokens)} tok at {res.decode_tok_s:.1f} tok/s, stopped: {res.stopped}"
+          + _speculation_note(res.speculation), file=TERM.err)
     return 0
+
+
+def _speculation_note(spec: dict | None) -> str:
+    if not spec:
+        return ""
+    rate = f"{spec['acceptance_rate']:.0%}" if spec["drafted"] else "n/a"
+    return (f", speculation: {spec['accepted']}/{spec['drafted']} drafts accepted ({rate}) "
+            f"in {spec['forwards']} verification forwards")
 
 
 def cmd_parity(args) -> int:
@@ -152,9 +161,11 @@ def cmd_bench(args) -> int:
     checks.integer(args.prompt_tokens, "--prompt-tokens", 1)
     checks.integer(args.decode_tokens, "--decode-tokens", 1)
     checks.integer(args.runs, "--runs", 1, 100)
+    checks.integer(args.speculate, "--speculate", 0, 64, fix="0 turns speculation off")
     import runtime
     from runtime.backend import spec_class
-    from runtime.bench import measure, table
+    from runtime.bench import bench_prompt, measure, table
+    from runtime.generate import measure_generation
 
     console = _console()
     results = []
@@ -163,10 +174,21 @@ def cmd_bench(args) -> int:
         backend = runtime.load(args.spec, threads=threads)
         label = f"{threads}t" if threads else "threads n/a"
         with console.status(f"bench {args.spec} ({label})"):
-            r = measure(backend, args.prompt_tokens, args.decode_tokens, args.runs, name=f"{backend.name} ({label})")
+            name = f"{backend.name} ({label})"
+            if args.speculate:
+                if args.prompt_tokens + args.decode_tokens > backend.max_seq_len:
+                    raise EdgeLLMError(f"{args.prompt_tokens} prompt + {args.decode_tokens} decode tokens exceed "
+                                       f"the KV cache of {backend.max_seq_len}; lower --prompt-tokens/--decode-tokens")
+                r = measure_generation(backend, bench_prompt(args.prompt_tokens, backend.vocab_size),
+                                       args.decode_tokens, args.runs, args.speculate, name=name)
+            else:
+                r = measure(backend, args.prompt_tokens, args.decode_tokens, args.runs, name=name)
         results.append(r)
         del backend  # released before the next thread count resizes process-wide pools
-    console.print(table(results, f"bench {args.spec}"))
+    extra = ({"speculate": [f"k={r.speculate}" for r in results],
+              "accepted": [f"{r.acceptance_rate:.0%}" if r.acceptance_rate == r.acceptance_rate else "n/a"
+                           for r in results]} if args.speculate else None)
+    console.print(table(results, f"bench {args.spec}", extra))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in results], f, indent=2)
@@ -221,6 +243,9 @@ def parser() -> cli.Parser:
     g.add_argument("--threads", type=int)
     g.add_argument("--max-seq-len", type=int, help="cache capacity for eager specs")
     g.add_argument("--no-stream", action="store_true")
+    g.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="prompt-lookup speculative decoding: draft up to K tokens a step from the context and "
+                        "verify them in one forward (greedy output unchanged; 0 = off)")
     g.set_defaults(fn=cmd_generate)
 
     q = sub.add_parser("parity", help="compare backends with a reference (eager PyTorch by default)")
@@ -243,6 +268,8 @@ def parser() -> cli.Parser:
     b.add_argument("--prompt-tokens", type=int, default=64)
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--runs", type=int, default=3)
+    b.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="decode through prompt-lookup speculation with up to K drafts a step (effective tok/s)")
     b.add_argument("--json")
     b.set_defaults(fn=cmd_bench)
 

@@ -3,7 +3,7 @@
 A backend owns one model with a static KV cache and a position counter. ``prefill(ids)``
 appends ids at the current position and returns the float32 logits of the last one;
 ``decode(id)`` appends one; ``forward_all(ids)`` returns every position's logits; ``reset()``
-empties the cache. Generation, parity and bench are written once against this class and read
+empties the cache; ``rewind(pos)`` forgets the positions from ``pos`` on. Generation, parity and bench are written once against this class and read
 what a backend can do from its declared ``Capabilities``, never by probing attributes.
 
 Backends live one module each in ``runtime/backends/`` (named after the artifact target they
@@ -142,6 +142,14 @@ class Backend(ABC):
     def reset(self) -> None:
         self._reset()
         self.pos = 0
+
+    def rewind(self, pos: int) -> None:
+        """Forget every position at or after ``pos`` (a rejected speculative draft). Nothing is
+        copied: each backend reads only the slots below its position, and the next call
+        rewrites them."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"{self.name}: cannot rewind to position {pos} from {self.pos}")
+        self.pos = pos
 
 
 _REGISTRY: Registry[type[Backend]] = Registry(backends.__name__, "backend")

@@ -41,14 +41,17 @@ class BenchResult:
     decode_tok_s: float
     peak_rss_mb: float
     runs: int
+    speculate: int = 0  # prompt-lookup drafts per step (0: plain decoding); decode_tok_s is then effective
+    acceptance_rate: float | None = None  # drafts accepted / drafted, with speculate
 
     def to_dict(self):
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides) -> "BenchResult":
-        """From ``to_dict()`` output (keys it does not know are ignored)."""
-        return cls(**{f.name: overrides.get(f.name, d.get(f.name)) for f in fields(cls)})
+        """From ``to_dict()`` output (keys it does not know are ignored, missing optional ones default)."""
+        given = {**d, **overrides}
+        return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
 
 
 # Runs a script, ``-m module`` or ``-c code`` in a fresh interpreter and prints its peak RSS at

@@ -7,6 +7,7 @@ seed gives the same text on every backend whose logits agree.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,6 +16,9 @@ import numpy as np
 
 from edgellm import checks
 from runtime.backend import Backend, CacheOverflowError
+from edgellm.memory import peak_rss_mb
+from runtime.bench import BenchResult
+from runtime.speculate import SpeculationStats, draft, verify
 
 
 @dataclass
@@ -47,6 +51,7 @@ class GenerationResult:
     decode_s: float
     stopped: str  # "eos" | "length"
     timings: dict = field(default_factory=dict)
+    speculation: dict | None = None  # with speculate=k: k, drafted, accepted, forwards, acceptance_rate
 
     @property
     def prefill_tok_s(self) -> float:
@@ -68,11 +73,12 @@ def _apply_repetition_penalty(logits: np.ndarray, seen: list[int], penalty: floa
     return logits
 
 
-def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator, seen: list[int]) -> int:
-    """Choose the next token id from float logits [vocab]."""
+def next_distribution(logits: np.ndarray, cfg: SamplingConfig, seen: list[int]) -> tuple[np.ndarray | None, int]:
+    """(probabilities after penalty, temperature, top-k and top-p, or None when greedy; the
+    greedy choice, or -1 when sampling)."""
     logits = _apply_repetition_penalty(np.asarray(logits, dtype=np.float64), seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
-        return int(np.argmax(logits))
+        return None, int(np.argmax(logits))
     logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.size:
         kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
@@ -87,16 +93,26 @@ def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
         mask[order[keep]] = True
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
+    return probs, -1
+
+
+def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator, seen: list[int]) -> int:
+    """Choose the next token id from float logits [vocab]."""
+    probs, choice = next_distribution(logits, cfg, seen)
+    return choice if probs is None else int(rng.choice(probs.size, p=probs))
 
 
 def generate(backend: Backend, prompt: str | list[int], cfg: SamplingConfig | None = None, *,
              on_text: Callable[[str], None] | None = None, chat: bool = False,
-             add_bos: bool = False) -> GenerationResult:
+             add_bos: bool = False, speculate: int = 0) -> GenerationResult:
     """Generate from ``prompt`` (text or ids). ``on_text`` receives decoded text as it streams.
+    ``speculate=k`` drafts up to k tokens a step by prompt lookup and verifies them in one
+    forward (``runtime.speculate``): greedy output is token-identical, sampling keeps its
+    distribution; the result's ``speculation`` holds the acceptance figures.
 
     Raises CacheOverflowError before running anything if prompt + max_new_tokens exceed the cache.
     """
+    speculate = checks.integer(speculate, "speculate", 0, 64, fix="0 turns speculation off")
     cfg = cfg or SamplingConfig()
     tok = backend.tokenizer
     if isinstance(prompt, str):
@@ -125,19 +141,53 @@ def generate(backend: Backend, prompt: str | list[int], cfg: SamplingConfig | No
     out: list[int] = []
     stopped = "length"
     seen = list(ids)
-    for i in range(cfg.max_new_tokens):
-        nxt = sample_next(logits, cfg, rng, seen)
-        out.append(nxt)
-        seen.append(nxt)
-        if cfg.stop_at_eos and nxt in eos:
+    stats = SpeculationStats(speculate) if speculate else None
+
+    def emit(t: int) -> bool:
+        """Append ``t``; True when generation stops here."""
+        nonlocal stopped
+        out.append(t)
+        seen.append(t)
+        if cfg.stop_at_eos and t in eos:
             stopped = "eos"
-            break
+            return True
         if stream is not None:
-            piece = stream.push(nxt)
+            piece = stream.push(t)
             if piece:
                 on_text(piece)
-        if i + 1 < cfg.max_new_tokens:
+        return len(out) >= cfg.max_new_tokens
+
+    forced = None  # the token a rejected draft's verification already chose
+    while True:
+        nxt = forced if forced is not None else sample_next(logits, cfg, rng, seen)
+        forced = None
+        if emit(nxt):
+            break
+        room = min(stats.length, cfg.max_new_tokens - len(out) - 1, backend.max_seq_len - backend.pos - 1) \
+            if stats is not None else 0
+        drafts = draft(seen, room) if room > 0 else []
+        if not drafts:
             logits = backend.decode(nxt)
+            continue
+        start = backend.pos
+        rows = backend.forward_all([nxt] + drafts)  # rows[i]: the distribution after ([nxt] + drafts)[i]
+        done, n_ok = False, 0
+        for j, d in enumerate(drafts):
+            probs, choice = next_distribution(rows[j], cfg, seen)
+            accepted, token = verify(probs, choice, d, rng)
+            if not accepted:
+                backend.rewind(start + 1 + j)  # nxt and the j accepted drafts stay in the cache
+                forced = token
+                break
+            n_ok += 1
+            if emit(d):
+                done = True
+                break
+        else:
+            logits = rows[len(drafts)]
+        stats.update(len(drafts), n_ok)
+        if done:
+            break
     t2 = time.perf_counter()
     if stream is not None:
         rest = stream.flush()
@@ -145,4 +195,24 @@ def generate(backend: Backend, prompt: str | list[int], cfg: SamplingConfig | No
             on_text(rest)
     body = [t for t in out if t not in eos] if cfg.stop_at_eos else out
     text = tok.decode(body) if tok is not None else ""
-    return GenerationResult(ids, out, text, t1 - t0, t2 - t1, stopped)
+    return GenerationResult(ids, out, text, t1 - t0, t2 - t1, stopped,
+                            speculation=stats.to_dict() if stats is not None else None)
+
+
+def measure_generation(backend: Backend, ids: list[int], decode_tokens: int, runs: int = 3, speculate: int = 0,
+                       name: str | None = None, warmup: int = 1) -> BenchResult:
+    """``bench`` through this loop (greedy, eos ignored), for speculation: median prefill and
+    effective decode tok/s (generated tokens after the first over the decode time) over ``runs``
+    after ``warmup``, with the acceptance rate of the last run."""
+    cfg = SamplingConfig(max_new_tokens=decode_tokens + 1, stop_at_eos=False)
+    prefill, decode, res = [], [], None
+    for r in range(warmup + runs):
+        res = generate(backend, ids, cfg, speculate=speculate)
+        if r >= warmup:
+            prefill.append(res.prefill_s)
+            decode.append(res.decode_s)
+    n = len(ids)
+    rate = res.speculation["acceptance_rate"] if res.speculation else None
+    return BenchResult(name or backend.name, n, decode_tokens, statistics.median(n / s for s in prefill),
+                       statistics.median(s * 1000 for s in prefill), statistics.median(decode_tokens / s for s in decode),
+                       peak_rss_mb(), runs, speculate, rate)
