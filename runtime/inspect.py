@@ -115,7 +115,7 @@ def inspect_coreml(package: Path) -> dict[str, Any]:
             "opset": fn.opset, "ops": sum(census.values()), "census": dict(census.most_common()),
             "sdpa": census.get("scaled_dot_product_attention", 0),
             "state_reads": census.get("read_state", 0), "state_writes": census.get("write_state", 0) + census.get("coreml_update_state", 0),
-            "int4_weight_ops": census.get("constexpr_blockwise_shift_scale", 0),
+            "quantized_weight_ops": census.get("constexpr_blockwise_shift_scale", 0),
             "weight_elements": dict(weights), "weight_bytes": dict(weight_bytes),
             "stray_fp32_weights": stray,
         }
@@ -218,7 +218,7 @@ def render(rep: dict[str, Any]) -> str:
             lines.append(f"  {title[:-1]:6} {name}: {f.get('dtype', f.get('type'))} {f.get('shape')}{extra}")
     for fname, fn in rep.get("functions", {}).items():
         lines.append(f"  function {fname}: {fn['ops']} ops")
-        for key in ("sdpa", "state_reads", "state_writes", "int4_weight_ops"):
+        for key in ("sdpa", "state_reads", "state_writes", "quantized_weight_ops"):
             if key in fn:
                 lines.append(f"    {key}: {fn[key]}")
         lines.append("    census: " + ", ".join(f"{k} {v}" for k, v in fn["census"].items()))

@@ -125,12 +125,14 @@ def test_weight_blobs_hold_the_shared_codes(smollm2_int4, smollm2_quant):
     by_key = {k.replace(".", "_"): q for k, q in smollm2_quant.weights.items()}
     seen = set()
     for name, b in blobs.items():
-        q = by_key[_weight_key(name[: -len("_int4")])]
+        stem, _, tag = name.rpartition("_")  # the default mixes int4 and int8 tensors
+        q = by_key[_weight_key(stem)]
+        assert tag == q.precision, name
         np.testing.assert_array_equal(b["data"], q.codes.numpy(), err_msg=name)
         np.testing.assert_array_equal(b["scale"].astype(np.float32), q.scales.numpy(), err_msg=name)
         assert b["scale"].dtype == np.float16
         seen.add(id(q))
-    assert seen == {id(q) for q in smollm2_quant.weights.values()}, "a quantized tensor has no int4 blob"
+    assert seen == {id(q) for q in smollm2_quant.weights.values()}, "a quantized tensor has no blob"
 
 
 @pytest.mark.slow
@@ -146,11 +148,15 @@ def test_structure(smollm2_int4, smollm2, smollm2_quant):
     assert len(rep["states"]) == 2 * n and fn["state_writes"] == 2 * n
     assert all(s["dtype"] == "FLOAT16" and s["shape"][2] == cap for s in rep["states"].values())
     assert rep["inputs"]["input_pos"]["ranges"] == [[1, cap - 1]]
-    assert fn["int4_weight_ops"] == len({id(q) for q in smollm2_quant.weights.values()})
+    assert fn["quantized_weight_ops"] == len({id(q) for q in smollm2_quant.weights.values()})
     assert fn["stray_fp32_weights"] == []
-    # fp16 holds the per-block scales (one per 32 codes), norms, RoPE tables: no weight matrix
-    int4 = fn["weight_elements"]["INT4"]
-    assert fn["weight_elements"].get("FLOAT16", 0) - int4 / 32 < 0.1 * int4 / 32
+    # fp16 holds the scales (int4: one per 32 codes, int8: one per row), norms, RoPE tables: no
+    # weight matrix
+    unique = {id(q): q for q in smollm2_quant.weights.values()}.values()
+    assert fn["weight_elements"]["INT4"] == sum(q.codes.numel() for q in unique if q.bits == 4)
+    assert fn["weight_elements"]["INT8"] == sum(q.codes.numel() for q in unique if q.bits == 8)
+    scales = sum(q.scales.numel() for q in unique)
+    assert 0 <= fn["weight_elements"].get("FLOAT16", 0) - scales < 0.2 * scales
 
 
 def test_tampered_package_is_refused(export_artifact, tmp_path):

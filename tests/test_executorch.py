@@ -169,7 +169,11 @@ def test_smollm2_int4_agrees_with_eager_8da4w(export_artifact, smollm2_ref, smol
           f"greedy {common}/32: {tok.decode(cand)!r}")
     assert stats.top1_rate >= min(0.99, floor.top1_rate - 0.05), stats.top1_rate
     assert stats.mean_kl <= max(1e-3, 2 * floor.mean_kl), stats.mean_kl
-    assert common >= 24, f"greedy diverges at {common}: {tok.decode(cand)!r} vs {tok.decode(want)!r}"
+    # The answer, up to the end-of-turn token, must be identical; after it the model writes a new
+    # turn from nothing (the most uncertain tokens there are), where int8 activations may pick
+    # another near-tie.
+    answer = next((i + 1 for i, t in enumerate(want) if t in tok.eos_ids), len(want))
+    assert common >= min(24, answer), f"greedy diverges at {common}: {tok.decode(cand)!r} vs {tok.decode(want)!r}"
 
 
 @pytest.mark.slow
@@ -256,8 +260,10 @@ def test_manifest_records_flavour_and_delegation(export_artifact):
         custom = [op for op in m["executorch"]["delegation"]["outside"]
                   if "custom_sdpa" in op or "update_cache" in op]
         assert bool(custom) == (flavour == "fast"), f"{flavour}: custom ops outside delegates: {custom}"
-        if quant == "int4":
-            assert m["executorch"]["linear_scheme"] == "8da4w"
+        if quant == "int4":  # the SmolLM2 default: int4 linears, int8 k/v, first/last layer and tied head
+            et = m["executorch"]
+            assert (et["linear_scheme"], et["head_scheme"], et["embedding_scheme"]) == \
+                ("8da4w+8da8w", "8da8w", "embedding_byte")
 
 
 @pytest.mark.parametrize("flavour", ["portable", "fast"])
