@@ -7,7 +7,9 @@ reads every weight once however many positions it computes, so on a bandwidth-bo
 verifying k drafts in one forward of k + 1 positions costs about one step.
 
 Verification keeps the output distribution. Greedy accepts a draft iff it is the argmax, so
-the tokens are those of plain greedy decoding. Sampling uses the standard rule for a
+the tokens are those of plain greedy decoding wherever a forward of k + 1 positions computes
+what k + 1 single steps do (on int8-activation artifacts the two differ by rounding, and a
+near-tie can go the other way: README). Sampling uses the standard rule for a
 deterministic draft (q = one-hot): accept draft d with probability p(d), else draw from p with
 d removed and renormalised; the text differs from plain sampling with the same seed (the
 random stream is consumed differently), its distribution does not. The static cache is written
