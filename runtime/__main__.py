@@ -176,9 +176,6 @@ def cmd_bench(args) -> int:
         with console.status(f"bench {args.spec} ({label})"):
             name = f"{backend.name} ({label})"
             if args.speculate:
-                if args.prompt_tokens + args.decode_tokens > backend.max_seq_len:
-                    raise EdgeLLMError(f"{args.prompt_tokens} prompt + {args.decode_tokens} decode tokens exceed "
-                                       f"the KV cache of {backend.max_seq_len}; lower --prompt-tokens/--decode-tokens")
                 r = measure_generation(backend, bench_prompt(args.prompt_tokens, backend.vocab_size),
                                        args.decode_tokens, args.runs, args.speculate, name=name)
             else:

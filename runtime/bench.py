@@ -4,8 +4,10 @@ Prefill tok/s on a fixed-length prompt, time to first token, decode tok/s over N
 steps, and the process's peak RSS. Prompts are token ids (a fixed pseudo-random sequence
 from the tokenizer's plain vocabulary) so every backend sees the same work.
 
-There is one timing loop, ``measure_calls`` (prefill and decode given as callables, so a peer
-runtime that is not a Backend is timed by the same code; ``measure`` is it on a Backend), and
+There is one per-token timing loop, ``measure_calls`` (prefill and decode given as callables, so
+a peer runtime that is not a Backend is timed by the same code; ``measure`` is it on a Backend;
+speculation, which decodes several tokens a call, is timed through ``generate`` by
+``runtime.generate.measure_generation`` into the same ``BenchResult``), and
 one peak-RSS reading, ``peak_rss_mb`` (``run_measured`` reports it for a child process). This
 module imports only the standard library, numpy and ``edgellm.memory`` (standard library only)
 at load time, so a peer's own virtualenv can load this file by path
@@ -150,14 +152,19 @@ def measure_calls(prefill: Callable[[list[int]], Any], decode: Callable[[Any], A
                        peak_rss_mb(), runs)
 
 
-def measure(backend: Backend, prompt_tokens: int = 64, decode_tokens: int = 128, runs: int = 3,
-            name: str | None = None, warmup: int = 1) -> BenchResult:
-    """Median over ``runs`` (after ``warmup`` untimed ones) of prefill and greedy decode speed."""
+def check_room(backend: Backend, prompt_tokens: int, decode_tokens: int) -> None:
+    """A bench run fits the backend's cache (never silently clamped)."""
     if prompt_tokens < 1 or decode_tokens < 1:
         raise ValueError(f"bench needs at least one prompt and one decode token, got {prompt_tokens} and {decode_tokens}")
     if prompt_tokens + decode_tokens > backend.max_seq_len:
         raise ValueError(f"{prompt_tokens} prompt + {decode_tokens} decode tokens exceed {backend.name}'s KV cache "
                          f"of {backend.max_seq_len}; lower --prompt-tokens/--decode-tokens")
+
+
+def measure(backend: Backend, prompt_tokens: int = 64, decode_tokens: int = 128, runs: int = 3,
+            name: str | None = None, warmup: int = 1) -> BenchResult:
+    """Median over ``runs`` (after ``warmup`` untimed ones) of prefill and greedy decode speed."""
+    check_room(backend, prompt_tokens, decode_tokens)
     ids = bench_prompt(prompt_tokens, backend.vocab_size)
     return measure_calls(lambda prompt: int(np.argmax(backend.prefill(prompt))),
                          lambda tok: int(np.argmax(backend.decode(tok))),

@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 
 from edgellm import checks
-from runtime.backend import Backend, CacheOverflowError
 from edgellm.memory import peak_rss_mb
-from runtime.bench import BenchResult
+from runtime.backend import Backend, CacheOverflowError
+from runtime.bench import BenchResult, check_room
 from runtime.speculate import SpeculationStats, draft, verify
 
 
@@ -204,6 +204,7 @@ def measure_generation(backend: Backend, ids: list[int], decode_tokens: int, run
     """``bench`` through this loop (greedy, eos ignored), for speculation: median prefill and
     effective decode tok/s (generated tokens after the first over the decode time) over ``runs``
     after ``warmup``, with the acceptance rate of the last run."""
+    check_room(backend, len(ids), decode_tokens)
     cfg = SamplingConfig(max_new_tokens=decode_tokens + 1, stop_at_eos=False)
     prefill, decode, res = [], [], None
     for r in range(warmup + runs):
