@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgellm.config import ModelConfig
-from edgellm.rope import rope_tables
+from edgellm.config import KVCacheConfig, ModelConfig
+from edgellm.rope import inv_freq_and_scale, rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -54,6 +54,29 @@ class RotaryTable(nn.Module):
         return self.cos[input_pos], self.sin[input_pos]
 
 
+class PositionRotary(nn.Module):
+    """cos/sin rows computed from the positions themselves (the same float32 arithmetic as the
+    tables), for a windowed cache whose positions outgrow any table. ``widen(rest)`` makes the rows
+    head-dim wide ([cos, cos, 1 * rest] / [sin, sin, 0 * rest]) for ``export.transforms.LinearRotary``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq, scale = inv_freq_and_scale(cfg.rope, cfg.head_dim, cfg.max_seq_len)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scale, self.rest = float(scale), None
+
+    def widen(self, rest: int) -> None:
+        self.rest = rest
+
+    def forward(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = input_pos.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+        if self.rest is not None:
+            ones = torch.ones_like(freqs[:, :1]).expand(-1, self.rest)
+            return torch.cat([cos, cos, ones], dim=-1), torch.cat([sin, sin, ones * 0.0], dim=-1)
+        return cos, sin
+
+
 class Rotary(nn.Module):
     """Rotate-half RoPE (HF layout) on the first 2 * cos.shape[-1] dims of x [1, T, H, D]."""
 
@@ -67,46 +90,119 @@ class Rotary(nn.Module):
         return torch.cat(out, dim=-1)
 
 
-class CausalMask(nn.Module):
-    """Additive mask [T, S] (0 where slot <= position, ``value`` elsewhere) and the number of
-    slots attention reads: with ``n_valid`` (the filled slots) only those, else the whole cache."""
+def ring_slots(input_pos: torch.Tensor, spec: KVCacheConfig) -> torch.Tensor:
+    """The cache slot of each position: itself in a plain cache; in a windowed one, a sink
+    (position < sinks) keeps its own slot and the rest wrap around the ring."""
+    if spec.ring is None:
+        return input_pos
+    s = spec.sinks
+    return torch.where(input_pos < s, input_pos, s + torch.remainder(input_pos - s, spec.ring))
 
-    def __init__(self, capacity: int, value: float = float("-inf")):
+
+class CausalMask(nn.Module):
+    """Additive mask [T, S] (0 where the slot holds a position <= the query's, ``value``
+    elsewhere) and the number of slots attention reads: with ``n_valid`` (the filled slots)
+    only those, else the whole cache.
+
+    In a windowed cache a ring slot s holds, after this call's writes (the last written position
+    is ``input_pos[-1]``), the latest position q <= last that maps to it; it holds nothing yet
+    while last < s."""
+
+    def __init__(self, capacity: int, value: float = float("-inf"), spec: KVCacheConfig | None = None):
         super().__init__()
         self.value = value
+        self.spec = spec or KVCacheConfig()
         self.register_buffer("positions", torch.arange(capacity), persistent=False)
 
+    def slot_positions(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """Position held by each slot ([S]; a slot not yet written holds a position > last)."""
+        s = self.positions
+        if self.spec.ring is None:
+            return s
+        last = input_pos[-1]
+        held = last - torch.remainder(last - s, self.spec.ring)
+        return torch.where(s < self.spec.sinks, s, torch.where(s <= last, held, last + 1))
+
     def rows(self, input_pos: torch.Tensor) -> torch.Tensor:
-        visible = self.positions[None, :] <= input_pos[:, None]
+        visible = self.slot_positions(input_pos)[None, :] <= input_pos[:, None]
         return torch.where(visible, 0.0, self.value)
 
     def forward(self, input_pos: torch.Tensor, n_valid: torch.Tensor | None):
         mask = self.rows(input_pos)
         if n_valid is None:
             return mask, None
-        n = n_valid.item()
+        capacity = self.positions.shape[0]
+        n = (n_valid.clamp(max=capacity) if self.spec.ring is not None else n_valid).item()
         torch._check(n >= 1)
-        torch._check(n <= self.positions.shape[0])
+        torch._check(n <= capacity)
         return mask[:, :n], n
 
 
+_STORED = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and fp16 scales [..., 1] of x [..., D]: symmetric, one scale per token and
+    head. The codes are x / (max |x| / 127) rounded (an all-zero row: codes 0); the scale is stored
+    in fp16 (2^-11 relative, far below the codes' step), which keeps XGen-7B's 8K cache at 2.18 GB."""
+    # max(amax, -amin) rather than abs().amax(), no clamp of the codes (|x| / scale <= 127 by
+    # construction) and the fp16 rounding only on the way to the buffer: XNNPACK then takes the
+    # float ops around the reductions in one partition with no dependency cycle.
+    amax = torch.maximum(x.amax(dim=-1, keepdim=True), -x.amin(dim=-1, keepdim=True))
+    scale = amax.clamp(min=127 * 2.0 ** -14) / 127.0  # fp16's smallest normal at least: no subnormal scale
+    return torch.round(x / scale).to(torch.int8), scale.to(torch.float16)
+
+
 class KVCache(nn.Module):
-    """Fixed-capacity K/V buffers [1, Hkv, S, D], written in place at the given positions."""
+    """Fixed-capacity K/V buffers [1, Hkv, S, D], written in place at the positions' slots
+    (``ring_slots``) in the stored dtype (``spec.dtype``; int8 adds fp16 ``k_scale``/``v_scale``
+    [1, Hkv, S, 1]); ``update`` returns the first ``n`` slots (all without ``n``) as float32.
+    Subclasses change only how a buffer is written (``_put``) or the layout."""
 
-    def __init__(self, n_kv_heads: int, capacity: int, head_dim: int):
+    def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, spec: KVCacheConfig | None = None):
         super().__init__()
-        self.register_buffer("k", torch.zeros(1, n_kv_heads, capacity, head_dim), persistent=False)
-        self.register_buffer("v", torch.zeros(1, n_kv_heads, capacity, head_dim), persistent=False)
+        self.spec = spec or KVCacheConfig()
+        dtype = _STORED[self.spec.dtype]
+        self.register_buffer("k", torch.zeros(1, n_kv_heads, capacity, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(1, n_kv_heads, capacity, head_dim, dtype=dtype), persistent=False)
+        if self.spec.dtype == "int8":
+            self.register_buffer("k_scale", torch.zeros(1, n_kv_heads, capacity, 1, dtype=torch.float16),
+                                 persistent=False)
+            self.register_buffer("v_scale", torch.zeros(1, n_kv_heads, capacity, 1, dtype=torch.float16),
+                                 persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """k, v: [1, T, Hkv, D]. Returns the full caches."""
-        self.k.index_copy_(2, input_pos, k.transpose(1, 2))
-        self.v.index_copy_(2, input_pos, v.transpose(1, 2))
-        return self.k, self.v
+    def state_names(self) -> list[str]:
+        """The buffers that persist between calls, in a fixed order."""
+        return ["k", "v"] + (["k_scale", "v_scale"] if self.spec.dtype == "int8" else [])
+
+    def _put(self, name: str, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Write x [1, Hkv, T, *] into buffer ``name`` at ``slots`` along the sequence axis."""
+        getattr(self, name).index_copy_(2, slots, x)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int | None = None):
+        """k, v: [1, T, Hkv, D]. Returns the caches' first ``n`` slots (all if None) as float32."""
+        slots = ring_slots(input_pos, self.spec)
+        for name, x in (("k", k.transpose(1, 2)), ("v", v.transpose(1, 2))):
+            if self.spec.dtype == "int8":
+                codes, scale = quantize_kv(x)
+                self._put(name, slots, codes)
+                self._put(f"{name}_scale", slots, scale)
+            else:
+                self._put(name, slots, x.to(self.k.dtype))
+        return self.read("k", n), self.read("v", n)
+
+    def read(self, name: str, n: int | None = None) -> torch.Tensor:
+        x = getattr(self, name)
+        if n is not None:
+            x = x[:, :, :n]
+        if self.spec.dtype == "int8":
+            scale = getattr(self, f"{name}_scale")
+            return x.float() * (scale[:, :, :n] if n is not None else scale).float()
+        return x.float() if x.dtype != torch.float32 else x
 
     def reset(self) -> None:
-        self.k.zero_()
-        self.v.zero_()
+        for name in self.state_names():
+            getattr(self, name).zero_()
 
 
 class SDPA(nn.Module):
@@ -137,7 +233,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         self.rotary = Rotary()
-        self.kv_cache = KVCache(cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.kv_cache = KVCache(cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim, cfg.kv_cache)
         self.sdpa = SDPA(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
 
     def forward(self, x, rope, input_pos, mask, n):
@@ -146,7 +242,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(1, -1, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(1, -1, self.n_kv_heads, self.head_dim)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
-        k_all, v_all = self.kv_cache.update(input_pos, k, v)
+        k_all, v_all = self.kv_cache.update(input_pos, k, v, n)
         return self.o_proj(self.sdpa(q, k_all, v_all, mask, n, input_pos))
 
 
@@ -186,8 +282,8 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope = RotaryTable(cfg)
-        self.mask = CausalMask(cfg.max_seq_len)
+        self.rope = PositionRotary(cfg) if cfg.kv_cache.window is not None else RotaryTable(cfg)
+        self.mask = CausalMask(cfg.max_seq_len, spec=cfg.kv_cache)
         self.transforms: list[dict] = []  # source transforms applied (export.transforms), for manifests
 
     @property

@@ -9,7 +9,7 @@ An artifact's manifest records enough to rebuild the same model (``model_from_ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,9 @@ from torch import nn
 
 from edgellm import checks, gguf_file
 from edgellm.assets import fetch
-from edgellm.config import MAX_SEQ_LEN, ModelConfig
+from edgellm.config import MAX_SEQ_LEN, KVCacheConfig, ModelConfig
 from edgellm.decoder import Decoder, buffer_source, fill
-from edgellm.errors import CheckpointError
+from edgellm.errors import CheckpointError, EdgeLLMError
 from edgellm.recipes import DEFAULT_RECIPE, QuantConfig, Recipe, load_recipe, parse_recipe
 from edgellm.tokenizer import Tokenizer, tokenizer_from_source
 from edgellm.weights import RANDOM_ORIGIN, Weights, load_checkpoint, random_weights, read_hf_config
@@ -127,8 +127,10 @@ MAX_SEED = 2**32 - 1
 
 
 def resolve_model(checkpoint: str | Path | None = None, recipe: str | Path | Recipe | None = None, *,
-                  max_seq_len: int | None = None, seed: int = 0, n_layers: int | None = None) -> LoadedModel:
-    """Load the configuration and (lazily) the weights. ``n_layers`` truncates the depth."""
+                  max_seq_len: int | None = None, seed: int = 0, n_layers: int | None = None,
+                  kv_cache: dict[str, Any] | None = None) -> LoadedModel:
+    """Load the configuration and (lazily) the weights. ``n_layers`` truncates the depth;
+    ``kv_cache`` (keys of ``KVCacheConfig``) overrides the recipe's cache keys one by one."""
     if max_seq_len is not None:
         max_seq_len = checks.integer(max_seq_len, "--max-seq-len", 2, MAX_SEQ_LEN,
                                      fix="the KV cache needs at least 2 slots")
@@ -140,6 +142,12 @@ def resolve_model(checkpoint: str | Path | None = None, recipe: str | Path | Rec
     if checkpoint is None and recipe is None:
         recipe = DEFAULT_RECIPE
     rec = recipe if isinstance(recipe, Recipe) else (load_recipe(recipe) if recipe is not None else None)
+    kv = kv_cache_config(rec.kv_cache if rec is not None else None, kv_cache)
+    if kv.window is not None:
+        if max_seq_len is not None and max_seq_len != kv.window:
+            raise EdgeLLMError(f"--max-seq-len {max_seq_len} and a kv_cache window of {kv.window} disagree: a windowed "
+                               f"cache has window slots; drop --max-seq-len")
+        max_seq_len = kv.window
     if checkpoint is None and rec is not None and rec.checkpoint is not None:
         spec = rec.checkpoint
         checkpoint = Path(spec["path"]) if spec.get("path") else fetch(spec["asset"])
@@ -159,7 +167,18 @@ def resolve_model(checkpoint: str | Path | None = None, recipe: str | Path | Rec
             overrides["n_layers"] = n_layers
         cfg = rec.model_config(max_seq_len, **overrides)
         weights = random_weights(cfg, seed)
+    cfg = replace(cfg, kv_cache=kv)
     return LoadedModel(rec, cfg, weights)
+
+
+def kv_cache_config(recipe_kv: dict[str, Any] | None, given: dict[str, Any] | None) -> KVCacheConfig:
+    """The recipe's ``kv_cache`` with the given keys (CLI flags; None values ignored) on top."""
+    merged = dict(recipe_kv or {})
+    merged.update({k: v for k, v in (given or {}).items() if v is not None})
+    unknown = sorted(set(merged) - {f.name for f in fields(KVCacheConfig)})
+    if unknown:
+        raise EdgeLLMError(f"unknown kv_cache key {unknown[0]!r}; valid: dtype, window, sinks")
+    return KVCacheConfig(**merged)
 
 
 def _check_depth(n_layers: int, depth: int, what: str) -> None:

@@ -78,7 +78,7 @@ def _key(loaded, tokens: torch.Tensor) -> str:
     and the quantizing code."""
     # The cache capacity never enters GPTQ (its windows have their own RoPE tables), so a
     # 512-slot and a 2048-slot load of one checkpoint share an entry.
-    model = {**dataclasses.asdict(loaded.config), "max_seq_len": None}
+    model = {**dataclasses.asdict(loaded.config), "max_seq_len": None, "kv_cache": None}  # the cache never enters the calibration
     h = hashlib.sha256()
     h.update(json.dumps({"quant": dataclasses.asdict(loaded.recipe.quantization), "tied": loaded.config.tie_embeddings,
                          "model": model, "torch": torch.__version__},

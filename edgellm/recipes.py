@@ -18,7 +18,7 @@ import yaml
 from edgellm import checks
 from edgellm.errors import EdgeLLMError, RecipeError
 
-from edgellm.config import MAX_SEQ_LEN, ModelConfig
+from edgellm.config import MAX_SEQ_LEN, KVCacheConfig, ModelConfig
 from edgellm.rope import RopeConfig
 
 # The YAML files live in the top-level recipes/ folder; edgellm/recipes links to it, so the same
@@ -126,6 +126,7 @@ class Recipe:
     eos_ids: list[int]
     checkpoint: dict[str, Any] | None = None  # {"source": "gguf-asset", "asset": ...} or None
     weights_note: str | None = None
+    kv_cache: dict[str, Any] | None = None  # KVCacheConfig keys (dtype, window, sinks); None = fp32, plain
     path: str | None = field(default=None, repr=False)
 
     def model_config(self, max_seq_len: int | None = None, **overrides) -> ModelConfig:
@@ -144,8 +145,9 @@ class Recipe:
 
 
 _REQUIRED = ("name", "description", "max_seq_len", "tokenizer", "quantization", "eos_ids")
-_OPTIONAL = ("architecture", "rope", "chat_template", "bos_id", "checkpoint", "weights_note", "targets")
-_ARCH_FIELDS = {f.name for f in fields(ModelConfig)} - {"max_seq_len", "rope"}
+_OPTIONAL = ("architecture", "rope", "chat_template", "bos_id", "checkpoint", "weights_note", "targets", "kv_cache")
+_ARCH_FIELDS = {f.name for f in fields(ModelConfig)} - {"max_seq_len", "rope", "kv_cache"}
+_KV_FIELDS = {f.name for f in fields(KVCacheConfig)}
 _ROPE_FIELDS = {f.name for f in fields(RopeConfig)}
 _QUANT_FIELDS = {f.name for f in fields(QuantConfig)}
 _TOKENIZER_SOURCES = {"xgen": set(), "gguf": {"asset", "path"}, "hf": {"path"}}
@@ -192,6 +194,9 @@ def _parse_recipe(data: dict[str, Any], origin: str) -> Recipe:
                     {"vocab_size", "dim", "n_layers", "n_heads", "hidden_dim"})
     if data.get("rope") is not None:
         _check_keys(f"{origin}: rope", data["rope"], _ROPE_FIELDS)
+    if data.get("kv_cache") is not None:
+        _check_keys(f"{origin}: kv_cache", data["kv_cache"], _KV_FIELDS)
+        KVCacheConfig(**data["kv_cache"])
     _check_keys(f"{origin}: quantization", data["quantization"], _QUANT_FIELDS | {"embedding_bits"})
     tok = data["tokenizer"]
     _check_keys(f"{origin}: tokenizer", tok, {"source", "asset", "path"}, {"source"})
@@ -222,7 +227,7 @@ def _parse_recipe(data: dict[str, Any], origin: str) -> Recipe:
         quantization=quant, targets=list(targets) if targets is not None else None,
         chat_template=data.get("chat_template"), bos_id=data.get("bos_id"),
         eos_ids=list(data["eos_ids"]), checkpoint=data.get("checkpoint"),
-        weights_note=data.get("weights_note"), path=origin,
+        weights_note=data.get("weights_note"), kv_cache=data.get("kv_cache"), path=origin,
     )
     if arch is not None:
         try:

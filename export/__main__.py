@@ -24,6 +24,11 @@ def parser() -> cli.Parser:
     p.add_argument("--checkpoint", help="HF folder (config.json + safetensors/.bin) or a .gguf file")
     p.add_argument("--quant", choices=["int4", "none"], help="default: the recipe's quantization")
     p.add_argument("--max-seq-len", type=int, help="KV cache capacity (default: the recipe's)")
+    p.add_argument("--kv-dtype", choices=["fp32", "fp16", "int8"],
+                   help="KV cache precision (default: the recipe's kv_cache.dtype, else fp32); int8 = per token and head")
+    p.add_argument("--kv-window", type=int, help="sliding-window cache of this many slots (positions grow without "
+                                                 "bound; executorch/onnx portable)")
+    p.add_argument("--kv-sinks", type=int, help="first positions a windowed cache keeps (e.g. the system prompt)")
     p.add_argument("--out", default="out", help="output root; artifacts go to OUT/<recipe>-<target>-<quant>/")
     p.add_argument("--flavour", help="target flavour: executorch portable|fast (default portable), "
                                      "onnx fast|portable (default fast), coreml fp16")
@@ -51,7 +56,8 @@ def export_command(args: argparse.Namespace, term: cli.Terminal) -> int:
         results = run_export(args.target, recipe=args.recipe, checkpoint=args.checkpoint, quant=args.quant,
                              max_seq_len=args.max_seq_len, out=args.out, flavour=args.flavour,
                              seed=args.seed, n_layers=args.n_layers, progress=progress,
-                             memory_check=not args.skip_memory_check, jobs=args.jobs)
+                             memory_check=not args.skip_memory_check, jobs=args.jobs,
+                             kv_cache={"dtype": args.kv_dtype, "window": args.kv_window, "sinks": args.kv_sinks})
     table = Table(title=f"exported in {time.time() - t0:.1f}s")
     for col in ("target", "artifact", "size MB"):
         table.add_column(col)

@@ -64,7 +64,7 @@ class ExportJob:
     @property
     def name(self) -> str:
         q = self.quant_name + (f"-{self.flavour_name}" if self.flavour_name else "")
-        return artifact_name(self.loaded.recipe.name, self.target.name, q)
+        return artifact_name(self.loaded.recipe.name, self.target.name, q + kv_suffix(self.loaded.config.kv_cache))
 
     def decoder(self, quantized_reference: bool = False, meta: bool = False) -> Decoder:
         """The decoder in this flavour's formulation, with fp32 weights, (``quantized_reference``)
@@ -113,6 +113,7 @@ class ExportJob:
             "export": {"stages": dict(self.stages), "seconds": round(sum(v["seconds"] for v in self.stages.values()), 2),
                        "peak_rss_mb": max((v["peak_rss_mb"] for v in self.stages.values()), default=None)},
         }
+        m["kv_cache"] = {**cfg.kv_cache.to_dict(), "slots": cfg.max_seq_len, "bytes": cfg.kv_cache_bytes()}
         note = frozen_note(cfg.rope, cfg.max_seq_len)
         if note:
             m["rope_note"] = note
@@ -173,6 +174,12 @@ EXPORT_BASE_BYTES = 600 << 20
 TRANSIENT_BYTES_PER_ELEMENT = 8
 
 
+def kv_suffix(spec) -> str:
+    """The artifact name's mark of a KV cache other than the plain fp32 one: -kvint8, -w512s4."""
+    return (f"-kv{spec.dtype}" if spec.dtype != "fp32" else "") + \
+        (f"-w{spec.window}s{spec.sinks}" if spec.window is not None else "")
+
+
 class MemoryRefused(EdgeLLMError):
     """The export's estimated peak exceeds the memory this machine has available."""
 
@@ -210,7 +217,8 @@ def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | Non
     fits = max(0, (available - (one - per_layer)) // per_layer)
     hint = (f"--n-layers {min(fits, cfg.n_layers - 1)} would fit (a depth-truncated dry run)" if fits >= 1
             else "no depth of this width fits")
-    cache = (f" plus its fp32 KV cache of {cfg.kv_cache_bytes() / 2**30:.1f} GiB, which --max-seq-len shrinks"
+    cache = (f" plus its {cfg.kv_cache.dtype} KV cache of {cfg.kv_cache_bytes() / 2**30:.1f} GiB, which "
+             f"--max-seq-len or --kv-dtype shrinks"
              if worst.holds_cache else "")
     raise MemoryRefused(
         f"{loaded.recipe.name}: exporting {cfg.num_parameters() / 1e9:.2f}B parameters to {worst.name} needs an "
@@ -239,13 +247,14 @@ def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant:
                max_seq_len: int | None = None, out: str | Path = "out", flavour: str | None = None,
                seed: int = 0, n_layers: int | None = None, progress=print, loaded: LoadedModel | None = None,
                quantization: Quantization | None = None, memory_check: bool = True,
-               jobs: int | None = None) -> dict[str, Path]:
+               jobs: int | None = None, kv_cache: dict[str, Any] | None = None) -> dict[str, Path]:
     """Export to each target from one load and one quantization; returns {target: artifact dir}.
 
     ``loaded``/``quantization`` let callers (tests, benches) reuse an already computed model
     and quantization instead of recomputing them. ``jobs``: targets lowered at once, each in a
     worker process (None = as many as idle cores and memory allow, see ``export_workers``);
     only when this call resolves the model itself, so a worker can resolve it again.
+    ``kv_cache``: keys of ``KVCacheConfig`` over the recipe's (``edgellm.model.kv_cache_config``).
     """
     shared: dict[str, dict[str, float]] = {}
     # Everything that can be wrong with the request is found before any heavy work.
@@ -257,13 +266,19 @@ def run_export(targets: list[str] | str, recipe=None, checkpoint=None, *, quant:
         checks.integer(jobs, "--jobs", 1, 64, fix="targets lowered at once, each in its own process")
     request = None
     if loaded is None:
-        request = dict(checkpoint=checkpoint, recipe=recipe, max_seq_len=max_seq_len, seed=seed, n_layers=n_layers)
+        request = dict(checkpoint=checkpoint, recipe=recipe, max_seq_len=max_seq_len, seed=seed, n_layers=n_layers,
+                       kv_cache=kv_cache)
         loaded = resolve_model(**request)
         progress(f"{loaded.recipe.name}: weights from {loaded.origin}")
     chosen = resolve_targets(targets, loaded)
     asked = _precisions(loaded.recipe.quantization) if quant != "none" else set()
     for t in chosen:
-        t.flavour(flavour)
+        refused = t.flavour(flavour).kv_refusal(loaded.config.kv_cache)
+        if refused:
+            able = [f"{o.name} --flavour {f.name}" for o in map(target_registry.get, target_registry.names()) for f in o.flavours
+                    if f.kv_refusal(loaded.config.kv_cache) is None]
+            raise EdgeLLMError(f"target {t.name} (flavour {t.flavour(flavour).name}) cannot carry {refused}; "
+                               f"targets that can: {', '.join(able) or 'none'}")
         missing = sorted(asked - t.precisions)
         if missing:
             raise EdgeLLMError(f"target {t.name} cannot carry {', '.join(missing)} weights (it carries "

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgellm.decoder import SDPA, CausalMask, Decoder, KVCache, RMSNorm, Rotary
+from edgellm.config import KVCacheConfig
+from edgellm.decoder import SDPA, CausalMask, Decoder, KVCache, PositionRotary, RMSNorm, Rotary
 
 TRANSFORMS: dict[str, Callable[..., Decoder]] = {}
 
@@ -123,13 +124,16 @@ class SliceRotaryTable(nn.Module):
 
 @transform
 def rope_rows_onehot(model: Decoder) -> Decoder:
-    model.rope = OneHotRotaryTable(model.rope)
+    """(Rows computed from the positions, for a windowed cache, are no gather: kept as they are.)"""
+    if not isinstance(model.rope, PositionRotary):
+        model.rope = OneHotRotaryTable(model.rope)
     return model
 
 
 @transform
 def rope_rows_slice(model: Decoder) -> Decoder:
-    model.rope = SliceRotaryTable(model.rope)
+    if not isinstance(model.rope, PositionRotary):
+        model.rope = SliceRotaryTable(model.rope)
     return model
 
 
@@ -162,10 +166,14 @@ class LinearRotary(nn.Module):
 def rope_rotate_linear(model: Decoder) -> Decoder:
     """Widen the tables to the head dim and rotate by a matmul (apply after the rows transform)."""
     table, head_dim = model.rope, model.config.head_dim
-    half, rest = table.cos.shape[-1], head_dim - 2 * table.cos.shape[-1]
-    n = table.cos.shape[0]
-    table.cos = torch.cat([table.cos, table.cos, torch.ones(n, rest)], dim=-1)
-    table.sin = torch.cat([table.sin, table.sin, torch.zeros(n, rest)], dim=-1)
+    if isinstance(table, PositionRotary):
+        half = table.inv_freq.shape[0]
+        table.widen(head_dim - 2 * half)
+    else:
+        half, rest = table.cos.shape[-1], head_dim - 2 * table.cos.shape[-1]
+        n = table.cos.shape[0]
+        table.cos = torch.cat([table.cos, table.cos, torch.ones(n, rest)], dim=-1)
+        table.sin = torch.cat([table.sin, table.sin, torch.zeros(n, rest)], dim=-1)
     _swap(model, Rotary, lambda old: LinearRotary(rope_rotation(head_dim, half)))
     return model
 
@@ -175,21 +183,24 @@ def rope_rotate_linear(model: Decoder) -> Decoder:
 
 class ArithCausalMask(CausalMask):
     """clamp(slot - pos, 0, 1) * value: float arithmetic (XNNPACK delegates it; Core ML's select
-    drops a dynamic shape). Needs a finite value."""
+    drops a dynamic shape). Needs a finite value. A windowed cache's ring keeps the canonical
+    rows (integer arithmetic and a select) with this value."""
 
-    def __init__(self, capacity: int, value: float):
+    def __init__(self, capacity: int, value: float, spec=None):
         if not abs(value) < float("inf"):
             raise ValueError("an arithmetic mask multiplies by its value: give a finite one (e.g. -1e30)")
-        super().__init__(capacity, value)
+        super().__init__(capacity, value, spec)
         self.register_buffer("slots", torch.arange(capacity, dtype=torch.float32), persistent=False)
 
     def rows(self, input_pos):
+        if self.spec.ring is not None:
+            return super().rows(input_pos)
         return (self.slots[None, :] - input_pos.to(torch.float32)[:, None]).clamp(0.0, 1.0) * self.value
 
 
 @transform
 def mask_arithmetic(model: Decoder, value: float) -> Decoder:
-    model.mask = ArithCausalMask(model.config.max_seq_len, value)
+    model.mask = ArithCausalMask(model.config.max_seq_len, value, model.config.kv_cache)
     return model
 
 
@@ -281,34 +292,28 @@ def attention_gqa(model: Decoder) -> Decoder:
 
 
 class SliceKVCache(KVCache):
-    """Written as a slice starting at ``input_pos[0]`` (Core ML states; index_put/index_copy
-    do not convert)."""
+    """Written as a slice starting at the first position's slot (Core ML states; index_put and
+    index_copy do not convert): a call's slots must be contiguous."""
 
-    def update(self, input_pos, k, v):
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        start = input_pos[0].item()
+    def _put(self, name, slots, x):
+        start = slots[0].item()
+        buf = getattr(self, name)
         torch._check(start >= 0)
-        torch._check(start + k.shape[2] <= self.k.shape[2])
-        self.k[:, :, start:start + k.shape[2]] = k
-        self.v[:, :, start:start + v.shape[2]] = v
-        return self.k, self.v
+        torch._check(start + x.shape[2] <= buf.shape[2])
+        buf[:, :, start:start + x.shape[2]] = x
 
 
 class ScatterKVCache(KVCache):
     """Written with scatter along the sequence axis (ONNX ScatterElements: no whole-cache copy)."""
 
-    def update(self, input_pos, k, v):
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        idx = input_pos.view(1, 1, -1, 1).expand(k.shape)
-        self.k.scatter_(2, idx, k)
-        self.v.scatter_(2, idx, v)
-        return self.k, self.v
+    def _put(self, name, slots, x):
+        getattr(self, name).scatter_(2, slots.view(1, 1, -1, 1).expand(x.shape), x)
 
 
 def _like_cache(cls):
     def make(old: KVCache):
         _, h, s, d = old.k.shape
-        return cls(h, s, d)
+        return cls(h, s, d, old.spec)
     return make
 
 
@@ -338,10 +343,11 @@ class CustomOpKVCache(KVCache):
 
     def __init__(self, n_kv_heads: int, capacity: int, head_dim: int):
         nn.Module.__init__(self)
+        self.spec = KVCacheConfig()  # fp32, plain: what the ops carry
         self.register_buffer("k", torch.zeros(1, capacity, n_kv_heads, head_dim), persistent=False)
         self.register_buffer("v", torch.zeros(1, capacity, n_kv_heads, head_dim), persistent=False)
 
-    def update(self, input_pos, k, v):
+    def update(self, input_pos, k, v, n=None):
         ops = _llama_ops()
         start = input_pos[0].item()
         torch._check(start >= 0)
@@ -371,6 +377,10 @@ class NoMask(nn.Module):
 def executorch_llm_ops(model: Decoder) -> Decoder:
     """Cache and attention as ExecuTorch's LLM custom ops (they go together: the cache layout)."""
     _llama_ops()
+    spec = model.config.kv_cache
+    if spec.dtype != "fp32" or spec.window is not None:
+        raise ValueError(f"ExecuTorch's LLM custom ops carry a plain fp32 cache, not kv_cache {spec.to_dict()}: "
+                         f"export --flavour portable")
     _swap(model, KVCache, lambda old: CustomOpKVCache(old.k.shape[1], old.k.shape[2], old.k.shape[3]))
     _swap(model, SDPA, _same_sdpa(CustomSDPA))
     model.mask = NoMask()

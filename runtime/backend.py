@@ -85,6 +85,16 @@ class Backend(ABC):
     max_seq_len: int
     vocab_size: int
     pos: int = 0
+    # A windowed cache (``KVCacheConfig``): its ring's slot count (positions then grow without bound,
+    # the oldest past the sinks leaving the window) and its sinks; None = the plain static cache.
+    ring: int | None = None
+    sinks: int = 0
+
+    def windowed_from(self, config: dict[str, Any]) -> None:
+        """Take the window of a manifest's (or a model's) resolved config."""
+        kv = (config or {}).get("kv_cache") or {}
+        if kv.get("window") is not None:
+            self.ring, self.sinks = int(kv["window"]) - int(kv.get("sinks", 0)), int(kv.get("sinks", 0))
 
     @property
     def capabilities(self) -> Capabilities:
@@ -109,12 +119,14 @@ class Backend(ABC):
 
     @property
     def _max_chunk(self) -> int:
+        if self.ring is not None:  # edgellm.config.ModelConfig.max_chunk
+            return max(1, min(self.max_seq_len - 1, self.ring // 4))
         return self.max_seq_len - 1
 
     def _check_room(self, n: int) -> None:
         if n <= 0:
             raise ValueError("prefill needs at least one token id")
-        if self.pos + n > self.max_seq_len:
+        if self.ring is None and self.pos + n > self.max_seq_len:
             raise CacheOverflowError(
                 f"{self.name}: writing {n} token(s) at position {self.pos} exceeds the KV cache capacity "
                 f"{self.max_seq_len}; shorten the prompt/generation or re-export with a larger --max-seq-len")

@@ -156,7 +156,7 @@ def check_room(backend: Backend, prompt_tokens: int, decode_tokens: int) -> None
     """A bench run fits the backend's cache (never silently clamped)."""
     if prompt_tokens < 1 or decode_tokens < 1:
         raise ValueError(f"bench needs at least one prompt and one decode token, got {prompt_tokens} and {decode_tokens}")
-    if prompt_tokens + decode_tokens > backend.max_seq_len:
+    if backend.ring is None and prompt_tokens + decode_tokens > backend.max_seq_len:  # a window has no end
         raise ValueError(f"{prompt_tokens} prompt + {decode_tokens} decode tokens exceed {backend.name}'s KV cache "
                          f"of {backend.max_seq_len}; lower --prompt-tokens/--decode-tokens")
 

@@ -110,7 +110,9 @@ def generate(backend: Backend, prompt: str | list[int], cfg: SamplingConfig | No
     forward (``runtime.speculate``): greedy output is token-identical, sampling keeps its
     distribution; the result's ``speculation`` holds the acceptance figures.
 
-    Raises CacheOverflowError before running anything if prompt + max_new_tokens exceed the cache.
+    Raises CacheOverflowError before running anything if prompt + max_new_tokens exceed a plain
+    cache; a windowed one (``Backend.ring``) goes on past its capacity, speculating only until its
+    ring first wraps (a rejected draft must not overwrite a slot the window still reads).
     """
     speculate = checks.integer(speculate, "speculate", 0, 64, fix="0 turns speculation off")
     cfg = cfg or SamplingConfig()
@@ -126,7 +128,7 @@ def generate(backend: Backend, prompt: str | list[int], cfg: SamplingConfig | No
         raise ValueError("the prompt is empty: give at least one token")
     need = len(ids) + cfg.max_new_tokens
     # The last generated token is never fed back, so capacity + 1 total tokens fit.
-    if len(ids) > backend.max_seq_len or need - 1 > backend.max_seq_len:
+    if backend.ring is None and (len(ids) > backend.max_seq_len or need - 1 > backend.max_seq_len):
         raise CacheOverflowError(
             f"prompt ({len(ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the KV cache "
             f"capacity {backend.max_seq_len}; shorten the prompt, lower --max-new-tokens, or re-export "

@@ -13,6 +13,7 @@ can compare them with the shared quantization byte for byte.
 from __future__ import annotations
 
 from edgellm.artifact import dir_size, read_manifest
+from edgellm.config import ModelConfig
 from runtime.backend import backend_class
 
 from collections import Counter
@@ -199,6 +200,9 @@ def inspect_artifact(directory: str | Path) -> dict[str, Any]:
     rep["manifest"] = {k: man.get(k) for k in ("name", "target", "flavour", "max_seq_len", "vocab_size",
                                                 "quantization", "transforms")}
     rep["artifact_bytes"] = dir_size(directory)
+    cfg = ModelConfig.from_dict(man["config"])  # manifests before the kv_cache record: computed the same way
+    rep["kv_cache"] = man.get("kv_cache") or {**cfg.kv_cache.to_dict(), "slots": cfg.max_seq_len,
+                                              "bytes": cfg.kv_cache_bytes()}
     return rep
 
 
@@ -232,4 +236,10 @@ def render(rep: dict[str, Any]) -> str:
         q = rep["manifest"].get("quantization") or {}
         lines.append(f"  manifest: {rep['manifest'].get('name')}, cache {rep['manifest'].get('max_seq_len')}, "
                      f"quantization {q.get('scheme', q)}")
+    if "kv_cache" in rep:
+        kv = rep["kv_cache"]
+        window = f", window {kv['window']} with {kv.get('sinks', 0)} sinks" if kv.get("window") is not None else ""
+        size = lambda b: f"{b / 1e6:.1f} MB" if b >= 1e5 else f"{b / 1e3:.1f} kB"  # noqa: E731
+        lines.append(f"  memory: weights {size(rep.get('artifact_bytes', rep['size_bytes']))} + KV cache "
+                     f"{size(kv['bytes'])} ({kv['dtype']}, {kv['slots']} slots{window})")
     return "\n".join(lines)

@@ -160,3 +160,19 @@ def test_wrong_artifact_kind(runner, smollm2_pte, tmp_path, edit, needle):
 
 def test_bad_flag(runner, smollm2_pte):
     _one_line_error(run(runner, smollm2_pte, "hi", "--top-p", "0", check=False), "--top-p")
+
+
+def test_windowed_pte_generates_past_its_capacity_like_python(runner, tmp_path):
+    """A windowed cache (tiny, fp32, window 32 + 4 sinks): the runner goes on past the capacity
+    with the ids the Python runtime produces."""
+    import runtime
+    from edgellm.model import resolve_model
+    from export.pipeline import run_export
+    from runtime.generate import SamplingConfig, generate
+
+    loaded = resolve_model(recipe="tiny", kv_cache={"window": 32, "sinks": 4})
+    art = run_export(["executorch"], loaded=loaded, quant="none", out=tmp_path, progress=lambda s: None)["executorch"]
+    n = 4 * 32
+    ref = generate(runtime.load(art), RAW_PROMPT, SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eos=False))
+    r = run(runner, art, RAW_PROMPT, "--print-ids", "--ignore-eos", "--max-new-tokens", str(n))
+    assert len(ref.tokens) == n and ids_of(r) == ref.tokens

@@ -207,3 +207,25 @@ def test_js_pattern_conversion_splits_like_tiktoken_regex(js_tokenize):
     for pat, splits in zip(patterns, out["splits"]):
         for text, js in zip(texts, splits):
             assert js == regex.findall(pat, text), f"pattern {pat[:30]!r}... splits {text[:40]!r} differently in JS"
+
+
+def test_browser_windowed_int8_cache_generates_past_its_capacity(web_ready, tmp_path):
+    """tiny ONNX (fp32 weights, portable) with an int8 cache in a window of 32 + 4 sinks: the page
+    allocates the int8 codes and fp16 scales from the manifest and goes on to 4x the capacity,
+    with the Python runtime's greedy ids."""
+    import runtime
+    from edgellm.model import resolve_model
+    from export.pipeline import run_export
+    from runtime.parity import greedy_tokens
+
+    loaded = resolve_model(recipe="tiny", kv_cache={"dtype": "int8", "window": 32, "sinks": 4})
+    art = run_export(["onnx"], loaded=loaded, quant="none", flavour="portable", out=tmp_path,
+                     progress=lambda s: None)["onnx"]
+    prompt_ids, n = list(range(5, 15)), 4 * 32
+    ref = greedy_tokens(runtime.load(str(art)), prompt_ids, n)
+    srv = Server(art)
+    try:
+        out = drive("generate", srv.url + f"?autorun=1&max={n}&ignore_eos=1&ids={','.join(map(str, prompt_ids))}")
+    finally:
+        srv.close()
+    assert len(ref) == n and out["result"]["ids"] == ref

@@ -26,6 +26,16 @@ class Flavour:
     description: str
     transforms: tuple[Transform, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    kv_dtypes: tuple[str, ...] = ("fp32",)  # KV cache dtypes its graph carries (``KVCacheConfig.dtype``)
+    kv_window: bool = False  # carries a sliding-window cache with sinks
+
+    def kv_refusal(self, spec) -> str | None:
+        """Why this flavour cannot carry the KV cache ``spec`` (a ``KVCacheConfig``), or None."""
+        if spec.dtype not in self.kv_dtypes:
+            return f"an {spec.dtype} KV cache (it carries {', '.join(self.kv_dtypes)})"
+        if spec.window is not None and not self.kv_window:
+            return "a sliding-window KV cache"
+        return None
 
 
 class Target(ABC):

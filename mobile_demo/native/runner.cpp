@@ -212,17 +212,20 @@ int main(int argc, char** argv) {
     ids = o.chat ? tok.encode_chat(tpl, o.prompt) : tok.encode(o.prompt);
     if (o.tokenize_only) return print_ids(ids), 0;
 
-    // Capacity: every fed token needs a cache slot; the last generated token is never fed.
+    // Capacity: every fed token needs a cache slot; the last generated token is never fed. A
+    // windowed cache (kv_cache.window) has no end: its ring keeps the recent positions.
     int max_seq_len = int(manifest["max_seq_len"].as_int());
+    bool windowed = manifest["kv_cache"]["window"].kind == Json::Number;
     if (ids.empty()) fail("the prompt is empty: give at least one token");
-    if ((int)ids.size() + o.max_new_tokens - 1 > max_seq_len)
+    if (!windowed && (int)ids.size() + o.max_new_tokens - 1 > max_seq_len)
       fail("prompt (" + std::to_string(ids.size()) + " tokens) + --max-new-tokens (" + std::to_string(o.max_new_tokens) +
            ") exceeds the KV cache capacity " + std::to_string(max_seq_len) +
            "; shorten the prompt, lower --max-new-tokens, or re-export with a larger --max-seq-len");
     std::vector<int> eos;
     for (auto& e : manifest["eos_ids"].arr) eos.push_back(int(e.as_int()));
     if (eos.empty()) eos = tok.eos_ids;
-    // The .pte's dynamic query length tops out below the capacity: prefill in chunks that fit.
+    // The .pte's dynamic query length tops out below the capacity (a window's: a quarter of its
+    // ring, ModelConfig.max_chunk): prefill in chunks that fit.
     int max_chunk = max_seq_len - 1;
     const Json& dyn = manifest["executorch"]["dynamic_tokens"];
     if (dyn.kind == Json::Array && dyn.arr.size() == 2) max_chunk = int(dyn.arr[1].as_int());

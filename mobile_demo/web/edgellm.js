@@ -96,6 +96,15 @@ export class Engine {
     this.outputNames = io.outputs || session.outputNames;
     this.pastNames = this.inputNames.filter((n) => n.startsWith("past_"));
     this.cacheShape = io.cache_shape || [1, cfg.n_kv_heads, this.maxSeqLen, cfg.head_dim];
+    // fp16/int8 caches: each past input's own type and shape (int8 scales are [1,Hkv,S,1])
+    this.cacheInputs = io.cache_inputs || {};
+    // A windowed cache (kv_cache.window) never overflows: its ring keeps the recent positions, and a
+    // call takes at most a quarter of the ring (ModelConfig.max_chunk).
+    const kv = cfg.kv_cache || {};
+    this.windowed = kv.window !== undefined && kv.window !== null;
+    this.maxChunk = this.windowed
+      ? Math.max(1, Math.min(this.maxSeqLen - 1, Math.floor((kv.window - (kv.sinks || 0)) / 4)))
+      : this.maxSeqLen - 1; // the export's dynamic length allows at most capacity - 1
     for (const need of ["input_ids", "position_ids", "n_valid"]) {
       if (!session.inputNames.includes(need)) {
         throw new Error(`model.onnx has no input "${need}" (inputs: ${session.inputNames.join(", ")}); ` +
@@ -106,16 +115,20 @@ export class Engine {
   }
 
   reset() {
-    const size = this.cacheShape.reduce((a, b) => a * b, 1);
     this.past = {};
-    for (const n of this.pastNames) this.past[n] = new ort.Tensor("float32", new Float32Array(size), this.cacheShape);
+    const arrays = { float32: Float32Array, float16: Uint16Array, int8: Int8Array };
+    for (const n of this.pastNames) {
+      const spec = this.cacheInputs[n] || { dtype: "float32", shape: this.cacheShape };
+      const count = spec.shape.reduce((a, b) => a * b, 1);
+      this.past[n] = new ort.Tensor(spec.dtype, new arrays[spec.dtype](count), spec.shape);
+    }
     this.pos = 0;
   }
 
   /** Append ids at the current position; returns the logits (Float32Array) of the last one. */
   async forward(ids) {
     if (!ids.length) throw new Error("forward needs at least one token id");
-    if (this.pos + ids.length > this.maxSeqLen) {
+    if (!this.windowed && this.pos + ids.length > this.maxSeqLen) {
       throw new CacheOverflowError(`writing ${ids.length} token(s) at position ${this.pos} exceeds the KV cache ` +
         `capacity ${this.maxSeqLen}; shorten the prompt / max new tokens or re-export with a larger --max-seq-len`);
     }
@@ -123,7 +136,7 @@ export class Engine {
     for (const i of ids) {
       if (!(i >= 0 && i < vocab)) throw new Error(`token id ${i} is outside the model's vocabulary [0, ${vocab})`);
     }
-    const chunk = this.maxSeqLen - 1; // the export's dynamic length allows at most capacity - 1
+    const chunk = this.maxChunk;
     let last = null;
     for (let s = 0; s < ids.length; s += chunk) {
       const part = ids.slice(s, s + chunk);

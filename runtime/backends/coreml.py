@@ -39,6 +39,7 @@ class CoreMLBackend(Backend):
         self.tokenizer = tokenizer
         self.max_seq_len = int(manifest["max_seq_len"])
         self.vocab_size = int(manifest["vocab_size"])
+        self.windowed_from(manifest.get("config"))
         self.name = f"coreml[{engine}]:{manifest.get('name', package.parent.name)}"
         self.pos = 0
         if engine == "coreml":

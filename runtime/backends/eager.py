@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from edgellm.decoder import SDPA
+from edgellm.config import ModelConfig
 from edgellm.errors import EdgeLLMError
 from edgellm.memory import available_bytes
 from edgellm.model import LoadedModel, model_from_manifest, resolve_model
@@ -77,6 +78,7 @@ class EagerBackend(Backend):
         self.name = name
         self.max_seq_len = model.config.max_seq_len
         self.vocab_size = model.config.vocab_size
+        self.windowed_from(model.config.to_dict())
         # runtime sets OMP_NUM_THREADS=1 for XNNPACK/ORT; eager PyTorch still uses every core.
         self.threads = threads or os.cpu_count() or 1
         self.pos = 0
@@ -97,7 +99,7 @@ class EagerBackend(Backend):
 
     @property
     def _max_chunk(self) -> int:
-        return self.max_seq_len
+        return self.max_seq_len if self.ring is None else super()._max_chunk
 
     @contextmanager
     def perturbed(self, eps: float = 1e-7, seed: int = 0):
@@ -164,6 +166,9 @@ class EagerBackend(Backend):
         """The eager model an artifact was exported from (``int4`` defaults to the artifact's;
         ``loaded``: that model already read, e.g. by a previous reference's ``.loaded``)."""
         loaded = loaded or model_from_manifest(manifest)
+        cfg = ModelConfig.from_dict(manifest["config"])
+        if cfg != loaded.config:  # the same weights with this artifact's cache (another dtype or window)
+            loaded = LoadedModel(loaded.recipe, cfg, loaded.weights)
         recorded = manifest.get("quantization", {})
         if int4 is None:
             int4 = recorded.get("scheme", "none") != "none"

@@ -51,12 +51,14 @@ class ExecuTorchBackend(Backend):
     accepts = frozenset({"tokenizer", "threads"})
 
     def __init__(self, pte: Path, tokenizer, max_seq_len: int, vocab_size: int, name: str = "executorch",
-                 threads: int | None = None, custom_ops: bool = False, activation_scheme: str | None = None):
+                 threads: int | None = None, custom_ops: bool = False, activation_scheme: str | None = None,
+                 config: dict[str, Any] | None = None):
         self.pte = Path(pte)
         self.activation_scheme = activation_scheme
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
+        self.windowed_from(config)
         self.name = name
         self.threads = threads
         if threads:
@@ -88,7 +90,7 @@ class ExecuTorchBackend(Backend):
         et = manifest.get("executorch", {})
         return cls(directory / manifest["artifact"], tokenizer, int(manifest["max_seq_len"]),
                    int(manifest["vocab_size"]), name=manifest.get("name", "executorch"), threads=options.threads,
-                   custom_ops=bool(et.get("custom_ops")),
+                   custom_ops=bool(et.get("custom_ops")), config=manifest.get("config"),
                    # recorded since int8 weights (8da8w); older manifests: only 8da4w quantizes activations
                    activation_scheme=et.get("activation_scheme",
                                             "int8-token-asym" if et.get("linear_scheme") == "8da4w" else None))

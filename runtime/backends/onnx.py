@@ -56,6 +56,9 @@ def _session_source(model_path: Path, manifest: dict[str, Any], accuracy_level: 
     return str(out), tmp
 
 
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
+
 @register
 class OnnxBackend(Backend):
     kind = "onnx"
@@ -80,6 +83,7 @@ class OnnxBackend(Backend):
         self.tokenizer = tokenizer
         self.max_seq_len = int(manifest["max_seq_len"])
         self.vocab_size = int(manifest["vocab_size"])
+        self.windowed_from(manifest.get("config"))
         self.threads = threads
         self.accuracy_level = accuracy_level if accuracy_level is not None else io.get("matmulnbits_accuracy_level")
         level = f":acc{self.accuracy_level}" if self.accuracy_level is not None else ""
@@ -89,7 +93,8 @@ class OnnxBackend(Backend):
         self.pos = 0
         self._past = [n for n in io["inputs"] if n.startswith("past_")]
         self._present = [n for n in io["outputs"] if n.startswith("present_")]
-        self._cache = [np.zeros(io["cache_shape"], np.float32) for _ in self._past]
+        inputs = {i.name: i for i in self.session.get_inputs()}  # an fp16/int8 cache: its own types
+        self._cache = [np.zeros(inputs[n].shape, _NUMPY[inputs[n].type]) for n in self._past]
         cache_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._cache]
         # One-token steps write their logits into a buffer of ours; longer calls let ORT allocate.
         self._step_logits = np.zeros((1, 1, self.vocab_size), np.float32)
@@ -122,7 +127,7 @@ class OnnxBackend(Backend):
     def _reset(self) -> None:
         # Slots past n_valid are never read; zeroing keeps a reset backend bit-for-bit fresh.
         for a in self._cache:
-            a.fill(0.0)
+            a.fill(0)
 
     @property
     def capabilities(self) -> Capabilities:

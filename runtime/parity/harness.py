@@ -139,8 +139,9 @@ def greedy_prefix(candidate: Backend, reference: Backend, prompt_ids: list[int],
 
 
 def perplexity(backend: Backend, ids: list[int]) -> float:
-    """exp(mean NLL) of ``ids[1:]`` given the previous tokens, in one cache window."""
-    ids = list(ids)[: backend.max_seq_len]
+    """exp(mean NLL) of ``ids[1:]`` given the previous tokens, in one cache window (a windowed
+    cache streams all of them through its window)."""
+    ids = list(ids) if backend.ring is not None else list(ids)[: backend.max_seq_len]
     if len(ids) < 2:
         raise ValueError("perplexity needs at least two tokens")
     backend.reset()

@@ -6,6 +6,7 @@ independent, single-threaded decode loop.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from edgellm.artifact import dir_size, read_manifest
@@ -41,17 +42,21 @@ def compare(specs: list[str], reference: str | None = None, *, threads: int | No
         groups = {None: candidates}
     else:
         groups: dict[Any, dict] = {}
-        for s, be in candidates.items():
-            groups.setdefault(be.capabilities.activation_scheme, {})[s] = be
+        for s, be in candidates.items():  # the reference computes with the artifact's cache arithmetic too
+            kv = json.dumps((read_manifest(s, verify=False).get("config") or {}).get("kv_cache"), sort_keys=True) \
+                if not is_eager(s) else None
+            groups.setdefault((be.capabilities.activation_scheme, kv), {})[s] = be
     shared: dict = {}
     reports = []
-    for scheme, group in groups.items():
+    for key, group in groups.items():
+        scheme = key[0] if key is not None else None
+        first = next((read_manifest(s, verify=False) for s in group if not is_eager(s)), manifests[0] if manifests else None)
         if reference is not None:
             status(f"loading reference {reference}")
             ref = load(reference, **opts)
         else:
             status(f"rebuilding the eager reference ({scheme or 'no activation quantization'}) from the manifest")
-            ref = EagerBackend.reference_for(manifests[0], activations=scheme or False, **shared)
+            ref = EagerBackend.reference_for(first, activations=scheme or False, **shared)
             shared.update(loaded=ref.loaded, quantization=ref.quantization)
         reports.append(run_parity(group, ref, steps=steps, text=text, text_tokens=text_tokens,
                                   with_noise_floor=ref.capabilities.activation_scheme is not None,

@@ -43,7 +43,7 @@ _XNNPACK_FORMULATION = (Transform("rmsnorm_as_matmul"), Transform("rope_rows_one
 FLAVOURS = (
     Flavour("portable", "standard ATen ops only, nearly all delegated to XNNPACK; runs in the plain C++ runtime",
             _XNNPACK_FORMULATION + (Transform("mask_arithmetic", {"value": -1e30}), Transform("attention_folded_bmm")),
-            {"partitioners": ("xnnpack",), "custom_ops": False}),
+            {"partitioners": ("xnnpack",), "custom_ops": False}, kv_dtypes=("fp32", "fp16", "int8"), kv_window=True),
     Flavour("fast", "ExecuTorch's LLM custom ops (update_cache, custom_sdpa); needs their kernels at runtime",
             _XNNPACK_FORMULATION + (Transform("executorch_llm_ops"),),
             {"partitioners": ("xnnpack",), "custom_ops": True}),
@@ -158,10 +158,10 @@ def constant_methods(job) -> dict:
     }
 
 
-def export_program(model: Decoder, max_seq_len: int):
-    """torch.export with a dynamic query length 1..capacity-1."""
+def export_program(model: Decoder, max_seq_len: int | None = None):
+    """torch.export with a dynamic query length 1..``max_chunk`` (capacity - 1, at most the ring)."""
     example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2, dtype=torch.long))
-    T = torch.export.Dim("T", min=1, max=max_seq_len - 1)
+    T = torch.export.Dim("T", min=1, max=model.config.max_chunk if max_seq_len is None else max_seq_len - 1)
     with torch.no_grad():
         return torch.export.export(model, example, dynamic_shapes=({1: T}, {0: T}), strict=False)
 
@@ -231,7 +231,7 @@ def exported_program(job, lazy: LazyCodes | None = None):
         counts = Counter(quantized.values())
         job.progress(f"executorch: {len(quantized)} quantized weights ("
                      + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
-    return export_program(model, job.loaded.config.max_seq_len), list(model.transforms), quantized
+    return export_program(model), list(model.transforms), quantized
 
 
 def lower(job) -> Path:
@@ -258,7 +258,7 @@ def lower(job) -> Path:
             job.write_tokenizer(w)
             runner_json.write(Tokenizer.load(w.dir), w.dir)  # as read back, for ExecuTorch's TextLLMRunner
         manifest = job.manifest(PTE_FILE, applied, executorch={
-            "flavour": flavour.name, "method": "forward", "dynamic_tokens": [1, cfg.max_seq_len - 1],
+            "flavour": flavour.name, "method": "forward", "dynamic_tokens": [1, cfg.max_chunk],
             "custom_ops": bool(flavour.options["custom_ops"]), "partitioners": list(flavour.options["partitioners"]),
             "quantized_weights": len(quantized), **schemes_record(quantized),
             "delegation": census, "runner_tokenizer": RUNNER_TOKENIZER})

@@ -54,14 +54,35 @@ FLAVOURS = (
     Flavour("fast", "what ORT's CPU kernels reward: fused-QKV MatMulNBits, GroupQueryAttention, "
                     "SkipSimplifiedLayerNormalization", _TRACED, {"fuse": True}),
     Flavour("portable", "standard opset-23 ops plus the two int4 contrib ops (onnxruntime-web runs them)",
-            _TRACED, {"fuse": False}),
+            _TRACED, {"fuse": False}, kv_dtypes=("fp32", "fp16", "int8"), kv_window=True),
 )
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    cache = [f"{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+_STATE_KIND = {"k": "key", "v": "value", "k_scale": "key_scale", "v_scale": "value_scale"}
+
+
+def io_names(n_layers: int, states: tuple[str, ...] = ("k", "v")) -> tuple[list[str], list[str]]:
+    """Graph input and output names; ``states`` are a layer's cache buffers (an int8 cache adds
+    its scales: past_key_scale_i, ...)."""
+    cache = [f"{_STATE_KIND[st]}_{i}" for i in range(n_layers) for st in states]
     return (["input_ids", "position_ids", "n_valid"] + [f"past_{c}" for c in cache],
             ["logits"] + [f"present_{c}" for c in cache])
+
+
+def _states(model: Decoder) -> tuple[str, ...]:
+    return tuple(model.layers[0].self_attn.kv_cache.state_names())
+
+
+def cache_inputs(in_names: list[str], states: dict[str, tuple[list[int], str]]) -> dict[str, dict]:
+    """past_* input -> its dtype (float32 | float16 | int8) and shape, for runtimes that allocate
+    the cache themselves (the browser demo)."""
+    kind_of = {v: k for k, v in _STATE_KIND.items()}
+    out = {}
+    for name in in_names:
+        if name.startswith("past_"):
+            shape, dtype = states[kind_of[name[len("past_"):].rsplit("_", 1)[0]]]
+            out[name] = {"dtype": dtype, "shape": shape}
+    return out
 
 
 # --------------------------------------------------------------------------- tracing
@@ -74,20 +95,22 @@ class _Wrapper(torch.nn.Module):
         self.model = model
 
     def run(self, input_ids, position_ids, n_valid, past):
-        attns = [layer.self_attn.kv_cache for layer in self.model.layers]
-        for i, cache in enumerate(attns):
-            cache.k, cache.v = past[2 * i], past[2 * i + 1]
+        caches = [layer.self_attn.kv_cache for layer in self.model.layers]
+        states = _states(self.model)
+        for i, cache in enumerate(caches):
+            for j, name in enumerate(states):
+                setattr(cache, name, past[len(states) * i + j])
         logits = self.model(input_ids, position_ids, n_valid)
         out = [logits]
-        for cache in attns:
-            out += [cache.k, cache.v]
+        for cache in caches:
+            out += [getattr(cache, name) for name in states]
         return tuple(out)
 
 
 def _wrapper(model: Decoder) -> torch.nn.Module:
     # torch.export binds inputs by the forward's signature: spell every past_* name out
     # (a *past signature breaks dynamic_shapes).
-    names, _ = io_names(model.config.n_layers)
+    names, _ = io_names(model.config.n_layers, _states(model))
     past = ", ".join(names[3:])
     src = (f"def forward(self, input_ids, position_ids, n_valid, {past}):\n"
            f"    return self.run(input_ids, position_ids, n_valid, [{past}])\n")
@@ -120,11 +143,12 @@ def trace(model: Decoder, initializer=None):
 
 def _export(model: Decoder, optimize: bool):
     cfg = model.config
-    names, out_names = io_names(cfg.n_layers)
-    S = cfg.max_seq_len
-    T = torch.export.Dim("T", min=1, max=S - 1)
-    kv = [torch.zeros(1, cfg.n_kv_heads, S, cfg.head_dim) for _ in range(2 * cfg.n_layers)]
-    args = (torch.zeros(1, 3, dtype=torch.long), torch.arange(3), torch.tensor(3), *kv)
+    names, out_names = io_names(cfg.n_layers, _states(model))
+    T = torch.export.Dim("T", min=1, max=cfg.max_chunk)
+    layer0 = model.layers[0].self_attn.kv_cache
+    kv = [torch.zeros(getattr(layer0, st).shape, dtype=getattr(layer0, st).dtype)
+          for _ in range(cfg.n_layers) for st in _states(model)]
+    args = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2), torch.tensor(2), *kv)
     dyn = {"input_ids": {1: T}, "position_ids": {0: T}, **{n: None for n in names[2:]}}
     import warnings
 
@@ -372,14 +396,17 @@ def lower(job) -> Path:
                      f"without weights")
         source = job.tensor_source()
         onnx_model = trace(model, lambda name: _numpy(source(name)))
-        cos, sin = source("rope.cos").numpy(), source("rope.sin").numpy()
+        states = _states(model)
+        layer0 = model.layers[0].self_attn.kv_cache
+        model_states = {st: (list(getattr(layer0, st).shape), str(getattr(layer0, st).dtype).removeprefix("torch."))
+                        for st in states}
         applied = list(model.transforms)
         del model
     with job.stage("rewrite"):
         if job.quant is not None:
             apply_quantized(onnx_model, job.quant, cfg, job.progress)
         if flavour.options["fuse"]:
-            fuse_for_ort_cpu(onnx_model, cfg, cos, sin, job.progress)
+            fuse_for_ort_cpu(onnx_model, cfg, source("rope.cos").numpy(), source("rope.sin").numpy(), job.progress)
     onnx_model.producer_name = "edgellm"
     if any(n.domain == MS for n in onnx_model.graph):
         onnx_model.opset_imports[MS] = 1
@@ -391,13 +418,14 @@ def lower(job) -> Path:
             save(onnx_model, w.path(MODEL_FILE), external)
             check(w.path(MODEL_FILE))
             job.write_tokenizer(w)
-        in_names, out_names = io_names(cfg.n_layers)
+        in_names, out_names = io_names(cfg.n_layers, states)
         ops = sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in onnx_model.graph})
         manifest = job.manifest(MODEL_FILE, applied, onnx={
             "opset": OPSET, "flavour": flavour.name, "inputs": in_names, "outputs": out_names,
             "external_data": DATA_FILE if external else None,
             "matmulnbits_accuracy_level": STORED_ACCURACY_LEVEL if job.quant is not None else None,
-            "cache_shape": [1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim], "ops": ops})
+            "cache_shape": [1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim], "ops": ops,
+            "cache_inputs": cache_inputs(in_names, model_states)})
         return w.commit(manifest)
 
 

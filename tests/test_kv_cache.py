@@ -1,0 +1,277 @@
+"""The KV cache options (``kv_cache: {dtype, window, sinks}``): precision, the sliding window with
+attention sinks, generation past the capacity, and the cache's bytes.
+
+Random-weight tests hold logit bounds and exact agreement with the eager formulation;
+agreement in quality (perplexity) is asserted on SmolLM2's trained weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgellm.config import KVCacheConfig, ModelConfig
+from edgellm.decoder import CausalMask, quantize_kv
+from edgellm.errors import EdgeLLMError
+from edgellm.model import resolve_model
+from edgellm.recipes import load_recipe
+
+WINDOW, SINKS = 32, 4
+
+
+def _ids(n: int, vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    n = ids.shape[1]
+    return torch.cat([model(ids[:, s:s + chunk], torch.arange(s, min(n, s + chunk)))[0] for s in range(0, n, chunk)])
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("kv, message", [
+    ({"dtype": "int4"}, "kv_cache.dtype must be one of fp32, fp16, int8"),
+    ({"sinks": 4}, "kv_cache.sinks needs kv_cache.window"),
+    ({"window": 10, "sinks": 4}, "must exceed kv_cache.sinks"),
+    ({"window": 4}, "kv_cache.window"),
+])
+def test_bad_kv_cache_is_refused(kv, message):
+    with pytest.raises(EdgeLLMError, match=message):
+        KVCacheConfig(**kv)
+
+
+def test_window_and_max_seq_len_must_agree():
+    with pytest.raises(EdgeLLMError, match="drop --max-seq-len"):
+        resolve_model(recipe="tiny", max_seq_len=64, kv_cache={"window": 32})
+    loaded = resolve_model(recipe="tiny", kv_cache={"window": 48, "sinks": 4})
+    assert loaded.config.max_seq_len == 48 and loaded.config.kv_cache.ring == 44
+
+
+def test_recipe_field_round_trips(tmp_path):
+    import yaml
+
+    data = load_recipe("tiny").to_dict()
+    data["kv_cache"] = {"dtype": "int8", "window": 64, "sinks": 4}
+    path = tmp_path / "tiny-window.yaml"
+    path.write_text(yaml.safe_dump(data))
+    loaded = resolve_model(recipe=str(path))
+    assert loaded.config.kv_cache == KVCacheConfig("int8", 64, 4) and loaded.config.max_seq_len == 64
+    # a CLI flag overrides one key and keeps the others
+    assert resolve_model(recipe=str(path), kv_cache={"dtype": "fp16"}).config.kv_cache == KVCacheConfig("fp16", 64, 4)
+    data["kv_cache"] = {"dtyp": "int8"}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EdgeLLMError, match="unknown field 'dtyp' in .*kv_cache"):
+        load_recipe(str(path))
+
+
+def test_cache_bytes_of_xgen_7b_8k():
+    """The issue's goal: an int8 cache of XGen-7B-8K at 8192 slots within 2.2 GB (fp32: 8.6 GB)."""
+    cfg = load_recipe("xgen-7b-8k-base").model_config(8192)
+    assert cfg.kv_cache_bytes("fp32") == 2 * 32 * 32 * 8192 * 128 * 4  # 8.59 GB
+    assert cfg.kv_cache_bytes("fp16") * 2 == cfg.kv_cache_bytes("fp32")
+    assert cfg.kv_cache_bytes("int8") == 2 * 32 * 32 * 8192 * (128 + 2) <= 2.2e9  # codes + an fp16 scale
+    windowed = ModelConfig(**{**cfg.to_dict(), "max_seq_len": 1024, "kv_cache": {"dtype": "int8", "window": 1024}})
+    assert windowed.kv_cache_bytes() == cfg.kv_cache_bytes("int8") // 8
+
+
+# --------------------------------------------------------------------------- eager arithmetic
+
+
+def test_int8_codes_round_trip_within_half_a_step():
+    x = torch.randn(1, 3, 17, 64) * torch.logspace(-3, 2, 17)[None, None, :, None]
+    x[0, 0, 0] = 0.0  # an all-zero row: codes 0
+    codes, scale = quantize_kv(x)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float16 and codes.abs().max() <= 127
+    err = (codes.float() * scale.float() - x).abs()  # half a step, plus the fp16 scale's rounding
+    assert bool((err <= scale.float() * (0.5 + 127 * 2 ** -11) + 1e-7).all())
+    assert not codes[0, 0, 0].any()
+
+
+@pytest.mark.parametrize("dtype, bound", [("fp16", 2e-3), ("int8", 3e-2)])
+def test_cache_precision_changes_logits_within_bounds(dtype, bound):
+    """Random weights: the stored cache's rounding moves the logits a little, never grossly."""
+    ids = _ids(40, 49152)
+    base = _logits(resolve_model(recipe="tiny", max_seq_len=64).decoder().eval(), ids, 40)
+    model = resolve_model(recipe="tiny", max_seq_len=64, kv_cache={"dtype": dtype}).decoder().eval()
+    assert model.layers[0].self_attn.kv_cache.k.dtype == {"fp16": torch.float16, "int8": torch.int8}[dtype]
+    diff = (_logits(model, ids, 40) - base).abs().max().item()
+    assert 0 < diff <= bound * base.abs().max().item()
+
+
+def test_window_not_yet_full_equals_the_plain_cache():
+    ids = _ids(40, 49152)
+    base = _logits(resolve_model(recipe="tiny", max_seq_len=64).decoder().eval(), ids, 40)
+    windowed = resolve_model(recipe="tiny", kv_cache={"window": 64, "sinks": 4}).decoder().eval()
+    for chunk in (1, 7):
+        assert (_logits(windowed, ids, chunk) - base).abs().max().item() <= 1e-5
+
+
+def test_window_equals_a_full_cache_masked_to_sinks_and_ring():
+    """Past its capacity, the ring cache computes what a large cache computes when each query
+    sees the sinks and the last ``window - sinks`` positions (RoPE at absolute positions)."""
+    n, ring = 4 * WINDOW, WINDOW - SINKS
+    ids = _ids(n, 49152)
+    windowed = resolve_model(recipe="tiny", kv_cache={"window": WINDOW, "sinks": SINKS}).decoder().eval()
+    full = resolve_model(recipe="tiny", max_seq_len=n + 1).decoder().eval()
+
+    def rows(self, input_pos):
+        p, q = self.positions[None, :], input_pos[:, None]
+        return torch.where((p <= q) & ((p < SINKS) | (p > q - ring)), 0.0, self.value)
+
+    full.mask.rows = rows.__get__(full.mask, CausalMask)
+    got = _logits(windowed, ids, 1)
+    assert got.shape[0] == n and bool(torch.isfinite(got).all())
+    assert (got - _logits(full, ids, 1)).abs().max().item() <= 1e-4
+
+
+def test_windowed_mask_hides_overwritten_and_unwritten_slots():
+    spec = KVCacheConfig(window=12, sinks=2)  # ring of 10
+    mask = CausalMask(12, spec=spec)
+    held = mask.slot_positions(torch.tensor([25]))
+    # slot s >= 2 holds the latest position p <= 25 with 2 + (p - 2) % 10 == s
+    assert held.tolist() == [0, 1, 22, 23, 24, 25, 16, 17, 18, 19, 20, 21]
+    early = mask.slot_positions(torch.tensor([4]))
+    assert early.tolist()[:5] == [0, 1, 2, 3, 4] and all(p > 4 for p in early.tolist()[5:])
+
+
+# --------------------------------------------------------------------------- SmolLM2 quality
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_with_fp16_and_int8_caches(smollm2, heldout_text):
+    """The issue's goals on trained weights (eager, the arithmetic every target carries): int8
+    within 0.5 % of the fp32 cache's perplexity, fp16 within 0.1 %."""
+    ids = torch.tensor([smollm2.tokenizer().encode(heldout_text)[:512]])
+
+    def ppl(kv):
+        from edgellm.model import LoadedModel
+
+        cfg = ModelConfig(**{**smollm2.config.to_dict(), "kv_cache": kv})
+        model = LoadedModel(smollm2.recipe, cfg, smollm2.weights).decoder().eval()
+        lp = torch.log_softmax(_logits(model, ids[:, :-1], 511), -1)
+        return float(torch.exp(-lp[torch.arange(511), ids[0, 1:]].mean()))
+
+    fp32 = ppl({})
+    assert abs(ppl({"dtype": "fp16"}) / fp32 - 1) <= 0.001
+    assert abs(ppl({"dtype": "int8"}) / fp32 - 1) <= 0.005
+
+
+@pytest.mark.slow
+def test_smollm2_long_text_through_a_window_of_512_with_4_sinks(smollm2):
+    """A text of 4x the window streamed through window 512 + 4 sinks scores within 10 % of the
+    same text with a full cache of its length."""
+    from edgellm.assets import fetch
+    from edgellm.model import LoadedModel
+
+    text = "\n\n".join(fetch(name).read_text() for name in ("us-constitution.txt", "us-declaration.txt"))
+    ids = smollm2.tokenizer().encode(text)[:2048]
+    assert len(ids) == 2048
+
+    def ppl(cfg, chunk):
+        model = LoadedModel(smollm2.recipe, cfg, smollm2.weights).decoder().eval()
+        t = torch.tensor([ids])
+        lp = torch.log_softmax(_logits(model, t[:, :-1], chunk), -1)
+        return float(torch.exp(-lp[torch.arange(len(ids) - 1), t[0, 1:]].mean()))
+
+    base = smollm2.config.to_dict()
+    full = ppl(ModelConfig(**{**base, "max_seq_len": 2048}), 2047)
+    windowed_cfg = ModelConfig(**{**base, "max_seq_len": 512, "kv_cache": {"window": 512, "sinks": 4}})
+    windowed = ppl(windowed_cfg, windowed_cfg.max_chunk)
+    assert windowed / full <= 1.10, (windowed, full)
+
+
+# --------------------------------------------------------------------------- artifacts (tiny)
+
+# (target, flavour) pairs that carry each option; the others refuse it up front (tested below)
+_PRECISION_TARGETS = [("executorch", "portable"), ("onnx", "portable"), ("coreml", None)]
+_WINDOW_TARGETS = [("executorch", "portable"), ("onnx", "portable")]
+
+
+@pytest.fixture(scope="module")
+def kv_export(tmp_path_factory):
+    """``kv_export(target, flavour, kv, quant)`` -> artifact dir, exported once per module."""
+    from export.pipeline import quantize_for, run_export
+
+    root, cache, quants = tmp_path_factory.mktemp("kv"), {}, {}
+
+    def _export(target, flavour, kv, quant="int4"):
+        key = (target, flavour, tuple(sorted(kv.items())), quant)
+        if key not in cache:
+            loaded = resolve_model(recipe="tiny", kv_cache=kv)
+            if quant == "int4" and "q" not in quants:
+                quants["q"] = quantize_for(loaded, "int4", progress=lambda s: None)
+            out = run_export([target], loaded=loaded, quantization=quants.get("q") if quant == "int4" else None,
+                             quant=quant, flavour=flavour, out=root, progress=lambda s: None)
+            cache[key] = out[target]
+        return cache[key]
+
+    return _export
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, flavour", _PRECISION_TARGETS)
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_cache_precision_artifact_matches_the_eager_cache_arithmetic(kv_export, target, flavour, dtype):
+    """Each target's fp16/int8-cache artifact against the eager reference computing with the same
+    cache (random weights: a logit bound, the same bound parity uses for the plain cache)."""
+    from edgellm.artifact import read_manifest
+    from runtime import load
+    from runtime.backends.eager import EagerBackend
+    from runtime.parity.harness import teacher_forced
+
+    if target == "coreml" and dtype == "int8":
+        pytest.skip("Core ML's states are fp16 only: an int8 cache is refused (tested below)")
+    art = kv_export(target, flavour, {"dtype": dtype})
+    man = read_manifest(art)
+    assert man["kv_cache"]["dtype"] == dtype
+    assert man["kv_cache"]["bytes"] == ModelConfig.from_dict(man["config"]).kv_cache_bytes()
+    cand = load(str(art))
+    ref = EagerBackend.reference_for(man, activations=cand.capabilities.activation_scheme or False)
+    assert ref.model.layers[0].self_attn.kv_cache.spec.dtype == dtype
+    stats = teacher_forced(cand, ref, list(_ids(48, 49152)[0]), prompt_len=24)
+    assert float(stats.rel.max()) <= 0.05
+    assert float(stats.top1.mean()) >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, flavour", _WINDOW_TARGETS)
+def test_windowed_artifact_generates_four_times_its_capacity_like_eager(kv_export, target, flavour):
+    """fp32 weights (no int8-activation noise): greedy through 4x the window, token-identical to
+    the eager windowed reference, and speculation changes nothing; the plain cache of the same
+    size still stops with CacheOverflowError."""
+    from edgellm.artifact import read_manifest
+    from runtime import CacheOverflowError, generate, load
+    from runtime.backends.eager import EagerBackend
+    from runtime.generate import SamplingConfig
+
+    art = kv_export(target, flavour, {"window": WINDOW, "sinks": SINKS}, quant="none")
+    cand = load(str(art))
+    ref = EagerBackend.reference_for(read_manifest(art))
+    cfg = SamplingConfig(max_new_tokens=4 * WINDOW, temperature=0.0, stop_at_eos=False)
+    prompt = list(range(5, 15))
+    got = generate(cand, prompt, cfg)
+    assert len(got.tokens) == 4 * WINDOW and cand.pos > 4 * WINDOW
+    assert got.tokens == generate(ref, prompt, cfg).tokens
+    assert generate(cand, prompt, cfg, speculate=4).tokens == got.tokens
+    plain = load(str(kv_export(target, flavour, {}, quant="none")))
+    with pytest.raises(CacheOverflowError):
+        generate(plain, prompt, SamplingConfig(max_new_tokens=plain.max_seq_len, temperature=0.0))
+
+
+@pytest.mark.parametrize("target, flavour, kv, refused", [
+    ("executorch", "fast", {"dtype": "int8"}, "an int8 KV cache"),
+    ("onnx", "fast", {"window": 64}, "a sliding-window KV cache"),
+    ("coreml", None, {"dtype": "int8"}, "an int8 KV cache"),
+    ("coreml", None, {"window": 64, "sinks": 4}, "a sliding-window KV cache"),
+])
+def test_a_target_that_cannot_carry_the_cache_refuses_up_front(tmp_path, target, flavour, kv, refused):
+    from export.pipeline import run_export
+
+    with pytest.raises(EdgeLLMError, match=f"cannot carry {refused}.*targets that can: executorch --flavour portable"):
+        run_export([target], recipe="tiny", flavour=flavour, kv_cache=kv, out=tmp_path / "out",
+                   progress=lambda s: None)
+    assert not (tmp_path / "out").exists()
