@@ -59,8 +59,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import runtime
-    from edgellm.model import resolve_model
+    from edgellm.model import LoadedModel, resolve_model
     from export.pipeline import quantize_for, run_export
+    from runtime.backends.eager import EagerBackend
     from runtime.parity.harness import perplexity
 
     out = Path(args.out)
@@ -84,15 +85,20 @@ def main(argv=None) -> int:
                 text = _long_text(loaded.tokenizer(), slots)
                 prompt = text[: slots - args.decode_tokens - 1]
                 man = json.loads((art / "manifest.json").read_text())
+                scheme = backend.capabilities.activation_scheme
+                ref = EagerBackend.reference_for(man, activations=scheme or False, loaded=loaded, quantization=quant)
                 row = {"target": target, "slots": slots, "dtype": dtype, "export_s": round(secs, 1),
                        "cache_bytes": man["kv_cache"]["bytes"], "ppl": round(perplexity(backend, text), 4),
+                       # the eager model with the same cache and activation arithmetic: the cache's own
+                       # effect, without the int8 activations' rounding cascades between implementations
+                       "ppl_eager_same_arithmetic": round(perplexity(ref, text), 4),
                        "decode_tok_s": round(_decode_tok_s(backend, prompt, args.decode_tokens), 1)}
+                if target == "onnx":  # exact weight-only arithmetic (MatMulNBits accuracy_level 0)
+                    row["ppl_accuracy_level_0"] = round(perplexity(runtime.load(str(art), accuracy_level=0), text), 4)
+                del ref
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del backend
-
-    from edgellm.model import LoadedModel
-    from runtime.backends.eager import EagerBackend
 
     n = 4 * args.window
     for target in targets:

@@ -187,8 +187,8 @@ def test_smollm2_long_text_through_a_window_of_512_with_4_sinks(smollm2):
 # --------------------------------------------------------------------------- artifacts (tiny)
 
 # (target, flavour) pairs that carry each option; the others refuse it up front (tested below)
-_PRECISION_TARGETS = [("executorch", "portable"), ("onnx", "portable"), ("coreml", None)]
-_WINDOW_TARGETS = [("executorch", "portable"), ("onnx", "portable")]
+_PRECISION_TARGETS = [("executorch", "portable"), ("onnx", "fast"), ("onnx", "portable"), ("coreml", None)]
+_WINDOW_TARGETS = [("executorch", "portable"), ("onnx", "fast"), ("onnx", "portable")]
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +229,11 @@ def test_cache_precision_artifact_matches_the_eager_cache_arithmetic(kv_export, 
     man = read_manifest(art)
     assert man["kv_cache"]["dtype"] == dtype
     assert man["kv_cache"]["bytes"] == ModelConfig.from_dict(man["config"]).kv_cache_bytes()
+    from runtime.inspect import inspect_artifact, render
+
+    report = inspect_artifact(art)
+    assert report["kv_cache"]["bytes"] == man["kv_cache"]["bytes"]
+    assert " + KV cache " in render(report) and f"({dtype}, {man['max_seq_len']} slots)" in render(report)
     cand = load(str(art))
     ref = EagerBackend.reference_for(man, activations=cand.capabilities.activation_scheme or False)
     assert ref.model.layers[0].self_attn.kv_cache.spec.dtype == dtype
@@ -264,7 +269,7 @@ def test_windowed_artifact_generates_four_times_its_capacity_like_eager(kv_expor
 
 @pytest.mark.parametrize("target, flavour, kv, refused", [
     ("executorch", "fast", {"dtype": "int8"}, "an int8 KV cache"),
-    ("onnx", "fast", {"window": 64}, "a sliding-window KV cache"),
+    ("executorch", "fast", {"window": 64}, "a sliding-window KV cache"),
     ("coreml", None, {"dtype": "int8"}, "an int8 KV cache"),
     ("coreml", None, {"window": 64, "sinks": 4}, "a sliding-window KV cache"),
 ])

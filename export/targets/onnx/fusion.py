@@ -617,13 +617,23 @@ def _fuse_qkv(graph, q_mm, k_mm, v_mm, prefix: str):
     return node
 
 
-def fuse_for_ort_cpu(model, cfg, cos: np.ndarray, sin: np.ndarray, progress=print) -> None:
-    """GroupQueryAttention (+ fused QKV) per layer and SkipSimplifiedLayerNormalization."""
+def fuse_for_ort_cpu(model, cfg, cos: np.ndarray | None, sin: np.ndarray | None, progress=print) -> None:
+    """GroupQueryAttention (+ fused QKV) per layer and SkipSimplifiedLayerNormalization. The
+    attention is fused only over a plain fp32 cache with full rotary (what GroupQueryAttention
+    carries); otherwise it stays as traced and the norms are still fused."""
+    if cos is None or cfg.kv_cache.dtype != "fp32" or cfg.kv_cache.window is not None:
+        progress(f"onnx: kv_cache {cfg.kv_cache.to_dict()}: GroupQueryAttention fusion skipped (portable attention "
+                 f"kept; it carries a plain fp32 cache)")
+    elif cos.shape[1] * 2 != cfg.head_dim:
+        progress("onnx: partial rotary: GroupQueryAttention fusion skipped (portable attention kept)")
+    else:
+        _fuse_attention(model, cfg, cos, sin)
+    _fuse_norms(model, progress)
+
+
+def _fuse_attention(model, cfg, cos: np.ndarray, sin: np.ndarray) -> None:
     import onnx_ir as ir
 
-    if cos.shape[1] * 2 != cfg.head_dim:
-        progress("onnx: partial rotary: GroupQueryAttention fusion skipped (portable attention kept)")
-        return
     g = model.graph
     layers = match_attention(g, cfg, cos, sin)  # before any rewrite: a refused graph is left as traced
     inputs = {v.name: v for v in g.inputs}
@@ -659,6 +669,11 @@ def fuse_for_ort_cpu(model, cfg, cos: np.ndarray, sin: np.ndarray, progress=prin
         for j, kind in ((1, "key"), (2, "value")):
             _replace_value(outputs[f"present_{kind}_{i}"], node.outputs[j])
     _remove_unused(model)
+
+
+def _fuse_norms(model, progress) -> None:
+    g = model.graph
+    layers = sum(1 for n in g if n.op_type == "GroupQueryAttention")
     skip = 0
     for node in list(g):
         if node.op_type != "RMSNormalization":
@@ -675,7 +690,7 @@ def fuse_for_ort_cpu(model, cfg, cos: np.ndarray, sin: np.ndarray, progress=prin
             skip += 1
     _remove_unused(model)
     _topological_sort(model)
-    progress(f"onnx: {len(layers)} GroupQueryAttention, {skip} SkipSimplifiedLayerNormalization")
+    progress(f"onnx: {layers} GroupQueryAttention, {skip} SkipSimplifiedLayerNormalization")
 
 
 def _topological_sort(model) -> None:

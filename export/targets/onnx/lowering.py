@@ -23,6 +23,9 @@ The traced graph is then rewritten with onnx-ir, never re-derived:
     ``MatMulNBits`` feeding ``GroupQueryAttention`` (rotary fused, cos/sin tables as caches,
     past/present sharing one buffer), residual Add + RMSNorm as ``SkipSimplifiedLayerNormalization``
     (``fusion``: the attention is recognised on the graph's structure, anything else is refused).
+    GroupQueryAttention carries a plain fp32 cache only: with an fp16/int8 or windowed cache
+    (``kv_cache``) the attention stays as traced (past_* then hold fp16, or int8 codes plus
+    past_*_scale fp16 scales) and the rest of the fast graph is kept.
   * flavour ``portable``: standard opset-23 ops (Attention, RMSNormalization, ScatterElements)
     plus the two int4 contrib ops, the set onnxruntime-web (wasm) was seen to run.
 """
@@ -52,7 +55,8 @@ STORED_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (the fast path); runt
 _TRACED = (Transform("cache_scatter"), Transform("attention_gqa"))
 FLAVOURS = (
     Flavour("fast", "what ORT's CPU kernels reward: fused-QKV MatMulNBits, GroupQueryAttention, "
-                    "SkipSimplifiedLayerNormalization", _TRACED, {"fuse": True}),
+                    "SkipSimplifiedLayerNormalization", _TRACED, {"fuse": True},
+            kv_dtypes=("fp32", "fp16", "int8"), kv_window=True),  # GroupQueryAttention over a plain fp32 cache only
     Flavour("portable", "standard opset-23 ops plus the two int4 contrib ops (onnxruntime-web runs them)",
             _TRACED, {"fuse": False}, kv_dtypes=("fp32", "fp16", "int8"), kv_window=True),
 )
@@ -406,7 +410,9 @@ def lower(job) -> Path:
         if job.quant is not None:
             apply_quantized(onnx_model, job.quant, cfg, job.progress)
         if flavour.options["fuse"]:
-            fuse_for_ort_cpu(onnx_model, cfg, source("rope.cos").numpy(), source("rope.sin").numpy(), job.progress)
+            tables = cfg.kv_cache.window is None  # a windowed cache computes RoPE from the position: no tables
+            fuse_for_ort_cpu(onnx_model, cfg, source("rope.cos").numpy() if tables else None,
+                             source("rope.sin").numpy() if tables else None, job.progress)
     onnx_model.producer_name = "edgellm"
     if any(n.domain == MS for n in onnx_model.graph):
         onnx_model.opset_imports[MS] = 1
