@@ -7,7 +7,6 @@ agreement in quality (perplexity) is asserted on SmolLM2's trained weights.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
