@@ -217,9 +217,14 @@ def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | Non
     fits = max(0, (available - (one - per_layer)) // per_layer)
     hint = (f"--n-layers {min(fits, cfg.n_layers - 1)} would fit (a depth-truncated dry run)" if fits >= 1
             else "no depth of this width fits")
-    cache = (f" plus its {cfg.kv_cache.dtype} KV cache of {cfg.kv_cache_bytes() / 2**30:.1f} GiB, which "
-             f"--max-seq-len or --kv-dtype shrinks"
-             if worst.holds_cache else "")
+    cache = ""
+    if worst.holds_cache:
+        # the flags that shrink this target's cache: a shorter one, or a smaller dtype it carries
+        smaller = [d for d in worst.default_flavour.kv_dtypes
+                   if cfg.kv_cache_bytes(d) < cfg.kv_cache_bytes()]
+        flags = " or ".join(["--max-seq-len", *(f"--kv-dtype {d}" for d in smaller[-1:])])
+        cache = (f" plus its {cfg.kv_cache.dtype} KV cache of {cfg.kv_cache_bytes() / 2**30:.1f} GiB, which "
+                 f"{flags} shrinks")
     raise MemoryRefused(
         f"{loaded.recipe.name}: exporting {cfg.num_parameters() / 1e9:.2f}B parameters to {worst.name} needs an "
         f"estimated {need / 2**30:.1f} GiB ({worst.bytes_per_parameter:g} bytes/parameter{cache}) but "
