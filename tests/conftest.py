@@ -69,6 +69,10 @@ def export_artifact(artifacts_dir, request):
         return request.getfixturevalue(name), request.getfixturevalue(f"{name}_quant")
 
     def _export(target: str, model="smollm2", quant: str = "int4", flavour: str | None = None, quantization=None):
+        if flavour is None:  # one key for the default flavour however it is asked for
+            from export import targets
+
+            flavour = targets.get(target).default_flavour.name
         key = (target, model if isinstance(model, str) else id(model), quant, flavour)
         if key not in cache:
             if isinstance(model, str):
