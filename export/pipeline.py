@@ -218,13 +218,11 @@ def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | Non
     hint = (f"--n-layers {min(fits, cfg.n_layers - 1)} would fit (a depth-truncated dry run)" if fits >= 1
             else "no depth of this width fits")
     cache = ""
-    if worst.holds_cache:
-        # the flags that shrink this target's cache: a shorter one, or a smaller dtype it carries
-        smaller = [d for d in worst.default_flavour.kv_dtypes
-                   if cfg.kv_cache_bytes(d) < cfg.kv_cache_bytes()]
-        flags = " or ".join(["--max-seq-len", *(f"--kv-dtype {d}" for d in smaller[-1:])])
+    if worst.holds_cache:  # shrunk by a shorter cache, or by the smallest dtype the target carries
+        smallest = min(worst.default_flavour.kv_dtypes, key=cfg.kv_cache_bytes)
+        dtype = f" or --kv-dtype {smallest}" if cfg.kv_cache_bytes(smallest) < cfg.kv_cache_bytes() else ""
         cache = (f" plus its {cfg.kv_cache.dtype} KV cache of {cfg.kv_cache_bytes() / 2**30:.1f} GiB, which "
-                 f"{flags} shrinks")
+                 f"--max-seq-len{dtype} shrinks")
     raise MemoryRefused(
         f"{loaded.recipe.name}: exporting {cfg.num_parameters() / 1e9:.2f}B parameters to {worst.name} needs an "
         f"estimated {need / 2**30:.1f} GiB ({worst.bytes_per_parameter:g} bytes/parameter{cache}) but "
