@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="executorch,onnx")
     p.add_argument("--slots", default="512,2048")
     p.add_argument("--dtypes", default="fp32,fp16,int8")
-    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--window", type=int, default=512, help="sliding window streamed at the end (0: none)")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                 del backend
 
     n = 4 * args.window
-    for target in targets:
+    for target in targets if args.window else []:
         loaded, art, secs = export(target, args.window, {"window": args.window, "sinks": args.sinks})
         text = _long_text(loaded.tokenizer(), n)
         windowed = perplexity(runtime.load(str(art), threads=args.threads), text)

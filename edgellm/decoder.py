@@ -153,11 +153,28 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale).to(torch.int8), scale.to(torch.float16)
 
 
+def hadamard(d: int) -> torch.Tensor:
+    """An orthonormal [d, d] float32 rotation that spreads each coordinate over many: block
+    diagonal, each block the Sylvester Hadamard matrix of the largest power of two dividing d
+    (d = 64 or 128, every head_dim here: one block), scaled by 1/sqrt(block)."""
+    block = d & -d
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return torch.block_diag(*[h / block ** 0.5] * (d // block))
+
+
 class KVCache(nn.Module):
     """Fixed-capacity K/V buffers [1, Hkv, S, D], written in place at the positions' slots
     (``ring_slots``) in the stored dtype (``spec.dtype``; int8 adds fp16 ``k_scale``/``v_scale``
     [1, Hkv, S, 1]); ``update`` returns the first ``n`` slots (all without ``n``) as float32.
-    Subclasses change only how a buffer is written (``_put``) or the layout."""
+    Subclasses change only how a buffer is written (``_put``) or the layout.
+
+    An int8 cache stores keys rotated by ``hadamard(D)`` (``key_rotation``) and ``query`` rotates
+    the queries alike, so q.k is unchanged: RoPE'd keys carry a few outlier channels that set a
+    per-token scale and flatten the rest to a few codes; rotated, the outliers are spread over the
+    head. On SmolLM2 (511 tokens) that cut the int8 cache's KL to the fp32 cache's logits from
+    3.6e-3 to 1.0e-3, at no byte of storage."""
 
     def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, spec: KVCacheConfig | None = None):
         super().__init__()
@@ -170,10 +187,15 @@ class KVCache(nn.Module):
                                  persistent=False)
             self.register_buffer("v_scale", torch.zeros(1, n_kv_heads, capacity, 1, dtype=torch.float16),
                                  persistent=False)
+            self.register_buffer("key_rotation", hadamard(head_dim), persistent=False)
 
     def state_names(self) -> list[str]:
         """The buffers that persist between calls, in a fixed order."""
         return ["k", "v"] + (["k_scale", "v_scale"] if self.spec.dtype == "int8" else [])
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """q [..., D] in the basis the cached keys are stored in (rotated for int8)."""
+        return q @ self.key_rotation if self.spec.dtype == "int8" else q
 
     def _put(self, name: str, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Write x [1, Hkv, T, *] into buffer ``name`` at ``slots`` along the sequence axis."""
@@ -182,7 +204,7 @@ class KVCache(nn.Module):
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int | None = None):
         """k, v: [1, T, Hkv, D]. Returns the caches' first ``n`` slots (all if None) as float32."""
         slots = ring_slots(input_pos, self.spec)
-        for name, x in (("k", k.transpose(1, 2)), ("v", v.transpose(1, 2))):
+        for name, x in (("k", self.query(k).transpose(1, 2)), ("v", v.transpose(1, 2))):
             if self.spec.dtype == "int8":
                 codes, scale = quantize_kv(x)
                 self._put(name, slots, codes)
@@ -243,7 +265,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(1, -1, self.n_kv_heads, self.head_dim)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         k_all, v_all = self.kv_cache.update(input_pos, k, v, n)
-        return self.o_proj(self.sdpa(q, k_all, v_all, mask, n, input_pos))
+        return self.o_proj(self.sdpa(self.kv_cache.query(q), k_all, v_all, mask, n, input_pos))
 
 
 class FeedForward(nn.Module):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from edgellm.config import KVCacheConfig, ModelConfig
-from edgellm.decoder import CausalMask, quantize_kv
+from edgellm.decoder import CausalMask, KVCache, hadamard, quantize_kv
 from edgellm.errors import EdgeLLMError
 from edgellm.model import resolve_model
 from edgellm.recipes import load_recipe
@@ -88,6 +88,31 @@ def test_int8_codes_round_trip_within_half_a_step():
     err = (codes.float() * scale.float() - x).abs()  # half a step, plus the fp16 scale's rounding
     assert bool((err <= scale.float() * (0.5 + 127 * 2 ** -11) + 1e-7).all())
     assert not codes[0, 0, 0].any()
+
+
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
+def test_key_rotation_is_orthonormal(d):
+    r = hadamard(d)
+    assert r.shape == (d, d) and r.dtype == torch.float32
+    assert torch.allclose(r @ r.T, torch.eye(d), atol=1e-6)
+    assert (r != 0).sum(dim=1).min() >= d & -d  # every coordinate spread over a whole block
+
+
+def test_int8_cache_rotates_keys_so_scores_survive_an_outlier_channel():
+    """RoPE'd keys carry a few large channels that set each token's scale; the int8 cache stores
+    keys rotated (queries rotated alike), which keeps q.k and cuts its error several-fold here."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 16, 2, 64, generator=g)
+    k[..., 5] *= 40.0  # an outlier channel, as RoPE'd keys have
+    q = torch.randn(1, 1, 2, 64, generator=g)
+    cache = KVCache(2, 16, 64, KVCacheConfig("int8"))
+    k_read, _ = cache.update(torch.arange(16), k, k)
+    exact = torch.einsum("bthd,bhsd->bhts", q, k.transpose(1, 2))
+    rotated = torch.einsum("bthd,bhsd->bhts", cache.query(q), k_read)
+    codes, scale = quantize_kv(k.transpose(1, 2))
+    plain = torch.einsum("bthd,bhsd->bhts", q, codes.float() * scale.float())
+    err_rotated, err_plain = (rotated - exact).abs().max(), (plain - exact).abs().max()
+    assert err_rotated < err_plain / 3, (err_rotated, err_plain)
 
 
 @pytest.mark.parametrize("dtype, bound", [("fp16", 2e-3), ("int8", 3e-2)])
