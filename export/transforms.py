@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgellm.config import KVCacheConfig
-from edgellm.decoder import SDPA, CausalMask, Decoder, KVCache, PositionRotary, RMSNorm, Rotary
+from edgellm.decoder import SDPA, CausalMask, Decoder, KVCache, PositionRotary, RMSNorm, Rotary, ring_slots
 
 TRANSFORMS: dict[str, Callable[..., Decoder]] = {}
 
@@ -182,9 +182,10 @@ def rope_rotate_linear(model: Decoder) -> Decoder:
 
 
 class ArithCausalMask(CausalMask):
-    """clamp(slot - pos, 0, 1) * value: float arithmetic (XNNPACK delegates it; Core ML's select
-    drops a dynamic shape). Needs a finite value. A windowed cache's ring keeps the canonical
-    rows (integer arithmetic and a select) with this value."""
+    """clamp(held - pos, 0, 1) * value, ``held`` the position each slot holds (the slot itself in
+    a plain cache): float arithmetic over [T, S] (XNNPACK delegates it; Core ML's select drops a
+    dynamic shape), exact for integer positions below 2^24. Needs a finite value. A windowed
+    cache's held positions keep the canonical integer arithmetic, over the static [S] only."""
 
     def __init__(self, capacity: int, value: float, spec=None):
         if not abs(value) < float("inf"):
@@ -193,9 +194,8 @@ class ArithCausalMask(CausalMask):
         self.register_buffer("slots", torch.arange(capacity, dtype=torch.float32), persistent=False)
 
     def rows(self, input_pos):
-        if self.spec.ring is not None:
-            return super().rows(input_pos)
-        return (self.slots[None, :] - input_pos.to(torch.float32)[:, None]).clamp(0.0, 1.0) * self.value
+        held = self.slots if self.spec.ring is None else self.slot_positions(input_pos).to(torch.float32)
+        return (held[None, :] - input_pos.to(torch.float32)[:, None]).clamp(0.0, 1.0) * self.value
 
 
 @transform
@@ -339,16 +339,22 @@ def _llama_ops():
 
 
 class CustomOpKVCache(KVCache):
-    """ExecuTorch's ``llama::update_cache``; layout [1, S, Hkv, D] (what custom_sdpa reads)."""
+    """ExecuTorch's ``llama::update_cache``; layout [1, S, Hkv, D] (what custom_sdpa reads). fp32
+    (what the ops carry); a windowed cache is written at its ring slots (``update_cache_with_indices``)."""
 
-    def __init__(self, n_kv_heads: int, capacity: int, head_dim: int):
+    def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, spec: KVCacheConfig | None = None):
         nn.Module.__init__(self)
-        self.spec = KVCacheConfig()  # fp32, plain: what the ops carry
+        self.spec = spec or KVCacheConfig()
         self.register_buffer("k", torch.zeros(1, capacity, n_kv_heads, head_dim), persistent=False)
         self.register_buffer("v", torch.zeros(1, capacity, n_kv_heads, head_dim), persistent=False)
 
     def update(self, input_pos, k, v, n=None):
         ops = _llama_ops()
+        if self.spec.ring is not None:
+            slots = ring_slots(input_pos, self.spec)[None, :]
+            ops.update_cache_with_indices(k, self.k, 0, slots)
+            ops.update_cache_with_indices(v, self.v, 0, slots)
+            return self.k, self.v
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start < self.k.shape[1])
@@ -358,11 +364,15 @@ class CustomOpKVCache(KVCache):
 
 
 class CustomSDPA(SDPA):
-    """ExecuTorch's ``llama::custom_sdpa``: causal from ``input_pos[0]``, reads slots 0..pos only."""
+    """ExecuTorch's ``llama::custom_sdpa``: causal from ``input_pos[0]``, reads slots 0..pos only;
+    given a mask (a windowed cache's [T, S] rows) it reads every slot under that mask."""
 
     def forward(self, q, k_all, v_all, mask, n, input_pos):
         T = q.shape[1]
-        y = _llama_ops().custom_sdpa(q, k_all, v_all, input_pos[0].item(), None, 0, True)
+        if mask is not None:
+            y = _llama_ops().custom_sdpa(q, k_all, v_all, 0, mask, 0, False)
+        else:
+            y = _llama_ops().custom_sdpa(q, k_all, v_all, input_pos[0].item(), None, 0, True)
         return y.reshape(1, T, -1)
 
 
@@ -375,14 +385,16 @@ class NoMask(nn.Module):
 
 @transform
 def executorch_llm_ops(model: Decoder) -> Decoder:
-    """Cache and attention as ExecuTorch's LLM custom ops (they go together: the cache layout)."""
+    """Cache and attention as ExecuTorch's LLM custom ops (they go together: the cache layout). A
+    windowed cache keeps the decoder's mask (custom_sdpa then attends under it, not causally)."""
     _llama_ops()
     spec = model.config.kv_cache
-    if spec.dtype != "fp32" or spec.window is not None:
-        raise ValueError(f"ExecuTorch's LLM custom ops carry a plain fp32 cache, not kv_cache {spec.to_dict()}: "
+    if spec.dtype != "fp32":
+        raise ValueError(f"ExecuTorch's LLM custom ops carry an fp32 cache, not kv_cache {spec.to_dict()}: "
                          f"export --flavour portable")
-    _swap(model, KVCache, lambda old: CustomOpKVCache(old.k.shape[1], old.k.shape[2], old.k.shape[3]))
+    _swap(model, KVCache, lambda old: CustomOpKVCache(old.k.shape[1], old.k.shape[2], old.k.shape[3], old.spec))
     _swap(model, SDPA, _same_sdpa(CustomSDPA))
-    model.mask = NoMask()
+    if spec.window is None:
+        model.mask = NoMask()
     return model
 
