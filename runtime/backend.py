@@ -138,12 +138,24 @@ class Backend(ABC):
         for i in ids:
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"token id {i} is outside the model's vocabulary [0, {self.vocab_size})")
-        outs = []
-        for s in range(0, len(ids), self._max_chunk):
-            chunk = ids[s:s + self._max_chunk]
+        outs, s = [], 0
+        while s < len(ids):
+            chunk = ids[s:s + self._chunk_len()]
             outs.append(np.asarray(self._forward(chunk, self.pos), dtype=np.float32).reshape(len(chunk), -1))
             self.pos += len(chunk)
+            s += len(chunk)
         return np.concatenate(outs, axis=0)
+
+    def _chunk_len(self) -> int:
+        """Most tokens the next call at ``pos`` takes: ``_max_chunk``, and in a windowed cache no
+        more than the slots left before the ring wraps. Every runtime chunks alike (the native
+        runner and the browser engine too): in a window the chunking decides what a query sees
+        (a call's later tokens overwrite slots its earlier ones would have read), and a call's
+        slots are then contiguous, which a cache written as one slice (Core ML states) needs."""
+        if self.ring is None:
+            return self._max_chunk
+        slot = self.pos if self.pos < self.sinks else self.sinks + (self.pos - self.sinks) % self.ring
+        return min(self._max_chunk, self.sinks + self.ring - slot)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         return self.forward_all(ids)[-1]

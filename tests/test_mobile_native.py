@@ -172,7 +172,9 @@ def test_windowed_pte_generates_past_its_capacity_like_python(runner, tmp_path):
 
     loaded = resolve_model(recipe="tiny", kv_cache={"window": 32, "sinks": 4})
     art = run_export(["executorch"], loaded=loaded, quant="none", out=tmp_path, progress=lambda s: None)["executorch"]
-    n = 4 * 32
-    ref = generate(runtime.load(art), RAW_PROMPT, SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eos=False))
-    r = run(runner, art, RAW_PROMPT, "--print-ids", "--ignore-eos", "--max-new-tokens", str(n))
+    n, prompt = 4 * 32, RAW_PROMPT * 3  # longer than the window: its prefill chunks end at the ring's wrap
+    backend = runtime.load(art)
+    assert len(backend.tokenizer.encode(prompt)) > 32
+    ref = generate(backend, prompt, SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eos=False))
+    r = run(runner, art, prompt, "--print-ids", "--ignore-eos", "--max-new-tokens", str(n))
     assert len(ref.tokens) == n and ids_of(r) == ref.tokens

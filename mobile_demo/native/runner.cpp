@@ -238,9 +238,19 @@ int main(int argc, char** argv) {
     if (!o.print_ids && !o.chat) std::fputs(o.prompt.c_str(), stdout), std::fflush(stdout);
     auto t0 = std::chrono::steady_clock::now();
     const std::vector<float>* logits = nullptr;
-    for (size_t s = 0; s < ids.size(); s += max_chunk) {
-      size_t e = std::min(ids.size(), s + max_chunk);
+    // In a window a chunk also ends where the ring wraps (runtime.backend.Backend._chunk_len:
+    // every runtime chunks alike, since the chunking decides what a query sees).
+    int sinks = windowed && manifest["kv_cache"]["sinks"].kind == Json::Number ? int(manifest["kv_cache"]["sinks"].as_int()) : 0;
+    int ring = windowed ? int(manifest["kv_cache"]["window"].as_int()) - sinks : 0;
+    for (size_t s = 0; s < ids.size();) {
+      size_t n = max_chunk;
+      if (windowed) {
+        size_t slot = (int)s < sinks ? s : sinks + (s - sinks) % ring;
+        n = std::min(n, sinks + ring - slot);
+      }
+      size_t e = std::min(ids.size(), s + n);
       logits = &model.forward(std::vector<int64_t>(ids.begin() + s, ids.begin() + e), (int64_t)s);
+      s = e;
     }
     double prefill_s = seconds_since(t0);
 

@@ -102,6 +102,8 @@ export class Engine {
     // call takes at most a quarter of the ring (ModelConfig.max_chunk).
     const kv = cfg.kv_cache || {};
     this.windowed = kv.window !== undefined && kv.window !== null;
+    this.sinks = this.windowed ? kv.sinks || 0 : 0;
+    this.ring = this.windowed ? kv.window - this.sinks : null;
     this.maxChunk = this.windowed
       ? Math.max(1, Math.min(this.maxSeqLen - 1, Math.floor((kv.window - (kv.sinks || 0)) / 4)))
       : this.maxSeqLen - 1; // the export's dynamic length allows at most capacity - 1
@@ -125,6 +127,14 @@ export class Engine {
     this.pos = 0;
   }
 
+  /** Most tokens the next call takes; in a window also no more than the slots left before the ring
+   * wraps (runtime.backend.Backend._chunk_len: every runtime chunks alike). */
+  chunkLength() {
+    if (!this.windowed) return this.maxChunk;
+    const slot = this.pos < this.sinks ? this.pos : this.sinks + ((this.pos - this.sinks) % this.ring);
+    return Math.min(this.maxChunk, this.sinks + this.ring - slot);
+  }
+
   /** Append ids at the current position; returns the logits (Float32Array) of the last one. */
   async forward(ids) {
     if (!ids.length) throw new Error("forward needs at least one token id");
@@ -136,10 +146,10 @@ export class Engine {
     for (const i of ids) {
       if (!(i >= 0 && i < vocab)) throw new Error(`token id ${i} is outside the model's vocabulary [0, ${vocab})`);
     }
-    const chunk = this.maxChunk;
     let last = null;
-    for (let s = 0; s < ids.length; s += chunk) {
-      const part = ids.slice(s, s + chunk);
+    for (let s = 0; s < ids.length; ) {
+      const part = ids.slice(s, s + this.chunkLength());
+      s += part.length;
       const T = part.length;
       const start = this.pos;
       const feeds = {
