@@ -185,6 +185,9 @@ KERNELS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "rsqrt": lambda a: 1.0 / np.sqrt(_f(a["x"]) + _F32(a.get("epsilon", 1e-12))),
     "sqrt": lambda a: np.sqrt(_f(a["x"])),
     "exp": lambda a: np.exp(_f(a["x"])),
+    "cos": lambda a: np.cos(_f(a["x"])),
+    "sin": lambda a: np.sin(_f(a["x"])),
+    "mod": lambda a: np.mod(a["x"], a["y"]),  # MIL's x - floor(x / y) * y: torch.remainder's sign
     "neg": lambda a: -_f(a["x"]),
     "silu": lambda a: _f(a["x"]) * _sigmoid(_f(a["x"])),
     "sigmoid": lambda a: _sigmoid(_f(a["x"])),

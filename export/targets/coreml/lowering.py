@@ -72,7 +72,7 @@ PACKAGE = "model.mlpackage"
 FLAVOURS = (
     Flavour("fp16", "iOS 18 fp16 ML Program, KV cache as Core ML states, int4/int8 blockwise weights", (
         Transform("cache_slice"), Transform("rope_rows_slice"), Transform("attention_expand_kv"),
-        Transform("mask_arithmetic", {"value": -3e4})), kv_dtypes=("fp32", "fp16")),
+        Transform("mask_arithmetic", {"value": -3e4})), kv_dtypes=("fp32", "fp16"), kv_window=True),
 )
 _FP32_TYPES = {"pow", "reduce_mean", "rsqrt"}  # RMSNorm statistics
 
