@@ -168,20 +168,27 @@ def test_windowed_mask_hides_overwritten_and_unwritten_slots():
 @pytest.mark.slow
 def test_smollm2_perplexity_with_fp16_and_int8_caches(smollm2, heldout_text):
     """The issue's goals on trained weights (eager, the arithmetic every target carries): int8
-    within 0.5 % of the fp32 cache's perplexity, fp16 within 0.1 %."""
+    within 0.5 % of the fp32 cache's perplexity, fp16 within 0.1 %. Perplexity over 511 tokens is
+    noisy (about ±0.3 % for any int8 scheme), so the int8 cache's mean KL to the fp32 cache's
+    logits is held too: 1.0e-3 on the constitution with Hadamard-rotated keys, 3.6e-3 without."""
     ids = torch.tensor([smollm2.tokenizer().encode(heldout_text)[:512]])
 
-    def ppl(kv):
+    def log_probs(kv):
         from edgellm.model import LoadedModel
 
         cfg = ModelConfig(**{**smollm2.config.to_dict(), "kv_cache": kv})
         model = LoadedModel(smollm2.recipe, cfg, smollm2.weights).decoder().eval()
-        lp = torch.log_softmax(_logits(model, ids[:, :-1], 511), -1)
+        return torch.log_softmax(_logits(model, ids[:, :-1], 511), -1)
+
+    def ppl(lp):
         return float(torch.exp(-lp[torch.arange(511), ids[0, 1:]].mean()))
 
-    fp32 = ppl({})
-    assert abs(ppl({"dtype": "fp16"}) / fp32 - 1) <= 0.001
-    assert abs(ppl({"dtype": "int8"}) / fp32 - 1) <= 0.005
+    fp32, fp16, int8 = log_probs({}), log_probs({"dtype": "fp16"}), log_probs({"dtype": "int8"})
+    kl = float((fp32.exp() * (fp32 - int8)).sum(-1).mean())
+    print(f"ppl fp32 {ppl(fp32):.4f} fp16 {ppl(fp16):.4f} int8 {ppl(int8):.4f}; int8 mean KL {kl:.2e}")
+    assert abs(ppl(fp16) / ppl(fp32) - 1) <= 0.001
+    assert abs(ppl(int8) / ppl(fp32) - 1) <= 0.005
+    assert kl <= 2e-3
 
 
 @pytest.mark.slow
