@@ -105,7 +105,7 @@ export class Engine {
     this.sinks = this.windowed ? kv.sinks || 0 : 0;
     this.ring = this.windowed ? kv.window - this.sinks : null;
     this.maxChunk = this.windowed
-      ? Math.max(1, Math.min(this.maxSeqLen - 1, Math.floor((kv.window - (kv.sinks || 0)) / 4)))
+      ? Math.max(1, Math.min(this.maxSeqLen - 1, Math.floor(this.ring / 4)))
       : this.maxSeqLen - 1; // the export's dynamic length allows at most capacity - 1
     for (const need of ["input_ids", "position_ids", "n_valid"]) {
       if (!session.inputNames.includes(need)) {
