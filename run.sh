@@ -49,7 +49,11 @@ case "${1:-}" in
     setup
     shift
     set +e
-    "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
+    # Two workers (EDGELLM_TEST_WORKERS), one test file each at a time: exporting and lowering
+    # are single-threaded Python, so a second core is otherwise idle. Exports are shared across
+    # workers (tests/conftest.py).
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 \
+      -n "${EDGELLM_TEST_WORKERS:-2}" --dist loadfile "$@"
     rc=$?
     set -e
     [ "$rc" -eq 5 ] && { echo "pytest collected no tests"; exit 1; }

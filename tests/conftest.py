@@ -1,7 +1,8 @@
 """Session fixtures: the SmolLM2 model, its one quantization and one export per artifact kind.
 
 Exports are the expensive part of the suite, so each (recipe, target, quant, flavour) is
-exported once per test session into a shared temp directory and reused by every test.
+exported once per test run into a directory every pytest-xdist worker shares, under a file
+lock: the first worker to ask exports it, the others wait for it and reuse it.
 """
 
 from __future__ import annotations
@@ -9,9 +10,33 @@ from __future__ import annotations
 
 import edgellm  # noqa: E402,F401  (environment defaults before torch loads)
 
+import fcntl
+import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory) -> Path:
+    """One directory for the whole run: the workers' common parent under xdist, else basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@contextmanager
+def exclusive(shared: Path, name: str):
+    """Hold ``name``'s lock across worker processes (released when the process dies, too)."""
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
@@ -23,11 +48,13 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def smollm2_quant(smollm2):
-    """The shared int4 quantization of SmolLM2, computed once per session."""
+def smollm2_quant(smollm2, shared_dir):
+    """The shared int4 quantization of SmolLM2: GPTQ runs once per run, and the other workers
+    read it back from the quantization store it was written to."""
     from export.pipeline import quantize_for
 
-    return quantize_for(smollm2, "int4", progress=lambda s: None)
+    with exclusive(shared_dir, "smollm2-quant"):
+        return quantize_for(smollm2, "int4", progress=lambda s: None)
 
 
 @pytest.fixture(scope="session")
@@ -57,10 +84,22 @@ def artifacts_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("artifacts")
 
 
+def _shared_export(shared: Path, name: str, export) -> Path:
+    """``export(out_root)`` once per run for ``name``; a worker that finds it done reuses it."""
+    done = shared / f"{name}.json"
+    with exclusive(shared, name):
+        if done.exists():
+            return Path(json.loads(done.read_text())["artifact"])
+        art = export(shared / name)
+        done.write_text(json.dumps({"artifact": str(art)}))
+        return art
+
+
 @pytest.fixture(scope="session")
-def export_artifact(artifacts_dir, request):
+def export_artifact(artifacts_dir, shared_dir, request):
     """``export_artifact(target, model="smollm2"|"tiny"|LoadedModel, quant="int4"|"none", flavour=None)``
-    -> artifact dir, exported once per session per key."""
+    -> artifact dir, exported once per key: per run for a named model, per worker for a model a
+    test built (its identity is an object in this process)."""
     from export.pipeline import run_export
 
     cache: dict = {}
@@ -83,11 +122,15 @@ def export_artifact(artifacts_dir, request):
                 loaded = model
                 q = quantization or (quantize_for(loaded, "int4", progress=lambda s: None) if quant == "int4" else None)
             q = q if quant == "int4" else None
-            # Models built by a test share the tiny recipe's name: give each its own folder.
-            out_root = artifacts_dir if isinstance(model, str) else artifacts_dir / f"model-{id(model)}"
-            out = run_export([target], loaded=loaded, quantization=q, quant=quant, flavour=flavour,
-                             out=out_root, progress=lambda s: None)
-            cache[key] = out[target]
+
+            def export(out_root):
+                return run_export([target], loaded=loaded, quantization=q, quant=quant, flavour=flavour,
+                                  out=out_root, progress=lambda s: None)[target]
+
+            if isinstance(model, str):
+                cache[key] = _shared_export(shared_dir, "-".join(key), export)
+            else:  # models built by a test share the tiny recipe's name: give each its own folder
+                cache[key] = export(artifacts_dir / f"model-{id(model)}")
         return cache[key]
 
     return _export
