@@ -27,6 +27,17 @@ INT4_EXACT_REL = 1e-3
 ACC4_TOP1, ACC4_KL = 0.99, 1e-3
 
 
+def _acc4_rel(cand, ref, ids: list[int], window: int = 12, prompt: int = 7) -> np.ndarray:
+    """Per-step |Δlogit|/max|logit| of acc4 vs the int8-block-sym reference, teacher-forced in
+    independent windows of ``window`` ids (each from a reset cache). A K/V value within float
+    noise of an int8 rounding tie rounds to either side depending on the SIMD path's summation
+    order (AVX2 vs AVX-512 MLAS kernels differ by ~1e-7); one such flip stays in the cache and
+    moves every later step by ~5e-3. Windows confine a flip to its own window, so the median
+    over all steps still shows the arithmetic is the reference's (weight-only: ~5e-3 everywhere)."""
+    return np.concatenate([teacher_forced(cand, ref, ids[i:i + window], prompt).rel
+                           for i in range(0, len(ids) - window + 1, window)])
+
+
 def _onnx(directory, **kw):
     import runtime
 
@@ -84,16 +95,16 @@ def test_int4_exact_dequant_matches_reference(export_artifact, tiny, tiny_quant,
 def test_int4_acc4_matches_the_block_int8_reference(export_artifact, tiny, tiny_quant):
     """accuracy_level 4 vs eager int4 carrying the same per-block int8 activations (random weights:
     |Δlogit| bounds). Most steps agree to float rounding; a value sitting on an int8 rounding
-    boundary can round the other way (MLAS quantizes a multi-row prefill with its own float
-    ops), and the one-level step it makes spreads through the cache, hence a median and a max."""
+    boundary can round the other way, and the one-level step it makes spreads through the cache,
+    hence a median and a max over independent windows (``_acc4_rel``)."""
     cand = _onnx(export_artifact("onnx", "tiny", "int4"))
     assert cand.accuracy_level == 4 and cand.activation_scheme == "int8-block-sym"
     ref = EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant, activations="int8-block-sym")
-    st = teacher_forced(cand, ref, _ids(tiny.config.vocab_size, 60, seed=3), 7)
-    median = float(np.median(st.rel))
-    print(f"tiny int4 acc4 vs int8-block-sym reference: median rel {median:.2e}, max rel {st.max_rel:.2e}")
+    rel = _acc4_rel(cand, ref, _ids(tiny.config.vocab_size, 60, seed=3))
+    median = float(np.median(rel))
+    print(f"tiny int4 acc4 vs int8-block-sym reference: median rel {median:.2e}, max rel {rel.max():.2e}")
     assert median <= 1e-5, f"median |Δlogit|/max|logit| = {median:.2e} (weight-only would be ~5e-3)"
-    assert st.max_rel <= 5e-2, f"max |Δlogit|/max|logit| = {st.max_rel:.2e}"
+    assert rel.max() <= 5e-2, f"max |Δlogit|/max|logit| = {rel.max():.2e}"
     assert _onnx(export_artifact("onnx", "tiny", "int4"), accuracy_level=0).activation_scheme is None
 
 
@@ -380,11 +391,11 @@ def test_int8_runs_and_matches_reference(int8_export, case):
     cand = _onnx(art)
     assert cand.activation_scheme == "int8-block-sym"
     ref = EagerBackend.from_loaded(loaded, int4=True, quantization=q, activations="int8-block-sym")
-    st = teacher_forced(cand, ref, ids, 7)
-    median = float(np.median(st.rel))
-    print(f"{case} int8 acc4 vs int8-block-sym reference: median rel {median:.2e}, max rel {st.max_rel:.2e}")
+    rel = _acc4_rel(cand, ref, ids)
+    median = float(np.median(rel))
+    print(f"{case} int8 acc4 vs int8-block-sym reference: median rel {median:.2e}, max rel {rel.max():.2e}")
     assert median <= 1e-5, f"median |Δlogit|/max|logit| = {median:.2e}"
-    assert st.max_rel <= 5e-2, f"max |Δlogit|/max|logit| = {st.max_rel:.2e}"
+    assert rel.max() <= 5e-2, f"max |Δlogit|/max|logit| = {rel.max():.2e}"
     exact = teacher_forced(_onnx(art, accuracy_level=0), EagerBackend.from_loaded(loaded, int4=True, quantization=q),
                            ids[:30], 5)
     assert exact.max_rel <= INT4_EXACT_REL, f"exact dequantization: max rel {exact.max_rel:.2e}"
