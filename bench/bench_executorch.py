@@ -54,8 +54,9 @@ def child_export(recipe: str, max_seq_len: int, flavour: str, quant_file: str | 
     print("ARTIFACT", path)
 
 
-def child_run(pte: str, custom_ops: bool, vocab: int, pos_mode: str, prompt_file: str):
-    """Time prefill (64-token prompt), TTFT and 128 decode steps at 1 and 2 threads."""
+def child_run(pte: str, custom_ops: bool, vocab: int, pos_mode: str, prompt_file: str,
+              threads_list=(1, 2), runs: int = 3, decode_tokens: int = 128):
+    """Time prefill (the prompt file's ids), TTFT and ``decode_tokens`` decode steps per thread count."""
     import torch
 
     from runtime.backends.executorch import load_program, set_threads
@@ -70,7 +71,7 @@ def child_run(pte: str, custom_ops: bool, vocab: int, pos_mode: str, prompt_file
         return int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
 
     res = {}
-    for threads in (1, 2):
+    for threads in threads_list:
         set_threads(threads)  # before loading: a resize invalidates loaded XNNPACK delegates
         prog = load_program(Path(pte), custom_ops)
         at = [0]  # the next decode position
@@ -83,7 +84,7 @@ def child_run(pte: str, custom_ops: bool, vocab: int, pos_mode: str, prompt_file
             at[0] += 1
             return fwd(prog, [tok], at[0] - 1)
 
-        r = measure_calls(prefill, decode, prompt, 128, runs=3, name=f"{Path(pte).name} ({threads}t)")
+        r = measure_calls(prefill, decode, prompt, decode_tokens, runs=runs, name=f"{Path(pte).name} ({threads}t)")
         res[threads] = {"prefill_tok_s": r.prefill_tok_s, "ttft_ms": r.ttft_ms, "decode_tok_s": r.decode_tok_s}
         prog = prefill = decode = None  # released before the pool it was built with is resized
     print("RESULT " + json.dumps(res))
@@ -239,6 +240,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_export":
         child_export(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] or None, sys.argv[6])
     elif len(sys.argv) > 1 and sys.argv[1] == "_run":
-        child_run(sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5], sys.argv[6])
+        opt = [int(x) for x in sys.argv[7:10]]  # [threads runs decode_tokens], as bench.compare passes them
+        child_run(sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5], sys.argv[6],
+                  *(((opt[0],), *opt[1:]) if opt else ()))
     else:
         main()

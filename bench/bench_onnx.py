@@ -162,9 +162,10 @@ print(json.dumps(r.to_dict()))
 '''
 
 
-def measure_peer(py: Path, model_dir: str, threads: int, max_len: int, runs: int) -> dict:
+def measure_peer(py: Path, model_dir: str, threads: int, max_len: int, runs: int,
+                 prompt: int = PROMPT, decode: int = DECODE) -> dict:
     p = _run([str(py), "-c", PEER_MEASURE, str(ROOT / "runtime" / "bench.py"), model_dir, str(threads),
-              str(max_len), str(PROMPT), str(DECODE), str(runs)])
+              str(max_len), str(prompt), str(decode), str(runs)])
     return _last_json(p.stdout)
 
 

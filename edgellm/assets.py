@@ -62,9 +62,13 @@ class AssetError(RuntimeError):
     pass
 
 
+def home() -> Path:
+    """edgellm's cache root: ``$EDGELLM_HOME``, default ``~/.cache/edgellm``."""
+    return Path(os.environ.get("EDGELLM_HOME", Path.home() / ".cache" / "edgellm"))
+
+
 def assets_dir() -> Path:
-    home = Path(os.environ.get("EDGELLM_HOME", Path.home() / ".cache" / "edgellm"))
-    d = home / "assets"
+    d = home() / "assets"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

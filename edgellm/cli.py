@@ -50,8 +50,9 @@ def add_common_flags(parser: argparse.ArgumentParser, default=False) -> None:
 
 
 def logs_dir() -> Path:
-    home = Path(os.environ.get("EDGELLM_HOME", Path.home() / ".cache" / "edgellm"))
-    return home / "logs"
+    from edgellm.assets import home
+
+    return home() / "logs"
 
 
 class Terminal:

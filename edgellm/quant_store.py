@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from edgellm import calibration, quant_methods, quantization
-from edgellm.assets import assets_dir
+from edgellm.assets import home
 from edgellm.quantization import Quantization, QuantizedWeight, quantize
 
 CALIBRATED = frozenset({"gptq"})
@@ -33,7 +33,7 @@ _CODE = (quantization, quant_methods, calibration)  # a change to any of these c
 
 
 def store_dir() -> Path:
-    return assets_dir().parent / "quantizations"
+    return home() / "quantizations"
 
 
 def enabled() -> bool:
