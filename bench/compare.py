@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def prepare_llama_cpp(loaded, cache: Path, out: Path, log: Path) -> System:
                 t.extractall(cache / "llama.cpp" / "extract", filter="data")
             next((cache / "llama.cpp" / "extract").glob("*/vendor/llama.cpp")).rename(src)
         print("  llama.cpp: building llama-bench and llama-quantize (cmake, a few minutes)", flush=True)
-        gen = ["-G", "Ninja"] if _which("ninja") else []
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         _run(["cmake", "-S", src, "-B", build, *gen, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
               "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"], log)
         _run(["cmake", "--build", build, "-j", str(os.cpu_count() or 2), "--target", "llama-bench", "llama-quantize"], log)
@@ -137,12 +138,6 @@ def prepare_llama_cpp(loaded, cache: Path, out: Path, log: Path) -> System:
         q4_0.parent.mkdir(parents=True, exist_ok=True)
         _run([quantize, "--allow-requantize", gguf, q4_0, "Q4_0", "2"], log)
     return System("llama.cpp", "peer", q4_0, model_bytes(q4_0), extra={"bench": str(bench), "format": "Q4_0"})
-
-
-def _which(cmd: str) -> bool:
-    from shutil import which
-
-    return which(cmd) is not None
 
 
 def prepare_ort_genai(a, cache: Path, out: Path, log: Path) -> System:
