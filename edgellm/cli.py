@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, TextIO
 
+from edgellm.assets import home
 from edgellm.errors import EdgeLLMError
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_IO, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -50,8 +51,6 @@ def add_common_flags(parser: argparse.ArgumentParser, default=False) -> None:
 
 
 def logs_dir() -> Path:
-    from edgellm.assets import home
-
     return home() / "logs"
 
 
