@@ -204,6 +204,25 @@ def mask_arithmetic(model: Decoder, value: float) -> Decoder:
     return model
 
 
+class FilledFromPositions(nn.Module):
+    """``n_valid`` derived in the graph from the last position (``input_pos[-1] + 1``) when the
+    caller gives none, so attention reads only the filled slots of a two-input program (what
+    ExecuTorch's TextLLMRunner calls) instead of the whole capacity."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_pos, n_valid):
+        return self.inner(input_pos, input_pos[-1] + 1 if n_valid is None else n_valid)
+
+
+@transform
+def mask_filled_from_positions(model: Decoder) -> Decoder:
+    model.mask = FilledFromPositions(model.mask)
+    return model
+
+
 # --------------------------------------------------------------------------- attention
 
 

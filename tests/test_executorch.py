@@ -255,7 +255,12 @@ def test_manifest_records_flavour_and_delegation(export_artifact):
     for model, quant, flavour in (("smollm2", "int4", "portable"), ("tiny", "none", "fast")):
         m = read_manifest(export_artifact("executorch", model, quant, flavour))
         assert m["flavour"] == m["executorch"]["flavour"] == flavour
-        assert [t["name"] for t in m["transforms"]][-1] == ("executorch_llm_ops" if flavour == "fast" else "attention_folded_bmm")
+        assert [t["name"] for t in m["transforms"]][-1] == ("executorch_llm_ops" if flavour == "fast"
+                                                             else "mask_filled_from_positions")
+        outside = m["executorch"]["delegation"]["outside"]
+        if flavour == "portable":  # attention over the filled slots, inside XNNPACK (filled_length.py)
+            assert not {"bmm.out", "_softmax.out"} & set(outside), outside
+            assert "_local_scalar_dense.default" in outside and "slice_copy.Tensor_out" in outside, outside
         assert m["name"].endswith(f"-executorch-{'int4' if quant == 'int4' else 'fp32'}-{flavour}")
         custom = [op for op in m["executorch"]["delegation"]["outside"]
                   if "custom_sdpa" in op or "update_cache" in op]

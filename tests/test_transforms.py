@@ -30,6 +30,7 @@ SINGLE = {
     "mask_arithmetic": [Transform("mask_arithmetic", {"value": FINITE})],
     "attention_folded_bmm": [Transform("mask_arithmetic", {"value": FINITE}), Transform("attention_folded_bmm")],
     "attention_folded_bmm-where-mask": [Transform("attention_folded_bmm")],
+    "mask_filled_from_positions": [Transform("mask_filled_from_positions")],
     "attention_expand_kv": [Transform("attention_expand_kv")],
     "attention_gqa": [Transform("attention_gqa")],
     "cache_slice": [Transform("cache_slice")],

@@ -7,7 +7,8 @@ buffers that persist between calls. Two flavours of the same decoder (``FLAVOURS
 - ``portable``: only standard ATen ops, formulated so that XNNPACK takes nearly everything
   (RMSNorm mean as a matmul, RoPE rows and the causal mask from float arithmetic, GQA by
   folding query heads instead of copying K/V); the cache write is an ``index_copy`` made
-  in-place. Runs in a plain C++ runtime built from the wheel's libraries.
+  in-place; attention reads only the filled slots, their count read from the last position
+  (``filled_length.py``). Runs in a plain C++ runtime built from the wheel's libraries.
 - ``fast``: ExecuTorch's LLM custom ops (``llama::update_cache``, ``llama::custom_sdpa``),
   which attend only to the filled part of the cache; needs the custom-ops library at runtime.
 
@@ -32,6 +33,7 @@ from torch import nn
 from edgellm.decoder import Decoder, fill
 from edgellm.tokenizer import Tokenizer, runner_json
 from export.targets import Flavour
+from export.targets.executorch.filled_length import xnnpack_takes_filled_lengths
 from export.targets.executorch.lazy_codes import LazyCodes, check_codes, constants_shared_with_preprocess
 from export.targets.executorch.lean_edge import lean_edge
 from export.targets.executorch.lean_lowering import lean_lowering, supported
@@ -42,7 +44,8 @@ RUNNER_TOKENIZER = "tokenizer.json"  # what ExecuTorch's TextLLMRunner reads (ed
 _XNNPACK_FORMULATION = (Transform("rmsnorm_as_matmul"), Transform("rope_rows_onehot"), Transform("rope_rotate_linear"))
 FLAVOURS = (
     Flavour("portable", "standard ATen ops only, nearly all delegated to XNNPACK; runs in the plain C++ runtime",
-            _XNNPACK_FORMULATION + (Transform("mask_arithmetic", {"value": -1e30}), Transform("attention_folded_bmm")),
+            _XNNPACK_FORMULATION + (Transform("mask_arithmetic", {"value": -1e30}), Transform("attention_folded_bmm"),
+                                    Transform("mask_filled_from_positions")),
             {"partitioners": ("xnnpack",), "custom_ops": False}, kv_dtypes=("fp32", "fp16", "int8"), kv_window=True),
     Flavour("fast", "ExecuTorch's LLM custom ops (update_cache, custom_sdpa); needs their kernels at runtime",
             _XNNPACK_FORMULATION + (Transform("executorch_llm_ops"),),
@@ -167,10 +170,12 @@ def export_program(model: Decoder, max_seq_len: int | None = None):
 
 
 def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCodes | None = None,
-                  status=lambda message: None):
+                  status=lambda message: None, filled_attention: bool = True):
     """Partitioning (XNNPACK by default) -> ExecuTorch program (cache write made in-place).
     ``lazy``: the program's placeholder codes, resolved as XNNPACK packs them; ``status`` names
-    the sub-stage that runs (a live display)."""
+    the sub-stage that runs (a live display); ``filled_attention``: XNNPACK takes attention over
+    the filled slots (``filled_length.py``; an int8 cache's codes, written and read outside it
+    between the quantizing and the attending ops, would make that partition a cycle)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.dialects._ops import ops
     from executorch.exir.passes import MemoryPlanningPass
@@ -179,6 +184,7 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCode
     if lazy is not None:
         lazy.on_packed = lambda n, total: status(f"executorch: lower: XNNPACK packed {n}/{total} quantized weights")
     with lean_edge(), lean_lowering() as lean, \
+            (xnnpack_takes_filled_lengths() if filled_attention else contextlib.nullcontext()), \
             (constants_shared_with_preprocess() if lean else contextlib.nullcontext()), \
             (lazy.reading() if lazy is not None else contextlib.nullcontext()):
         # the same program, without retraces that cannot change it (lean_edge.py, lean_lowering.py)
@@ -247,7 +253,8 @@ def lower(job) -> Path:
         applied, quantized = traced[1:]
     with job.stage("lower"):  # the program's only reference moves into lower_program, which drops it
         et, census = lower_program(traced.pop(0), constant_methods(job), flavour.options["partitioners"], lazy,
-                                   status=getattr(job.progress, "status", lambda message: None))
+                                   status=getattr(job.progress, "status", lambda message: None),
+                                   filled_attention=cfg.kv_cache.dtype != "int8")
     outside = ", ".join(f"{k} x{v}" for k, v in census["outside"].items()) or "none"
     job.progress(f"executorch: {census['delegates']} delegate calls; ops outside delegates: {outside}")
     with job.writer() as w:
