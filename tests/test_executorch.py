@@ -124,6 +124,27 @@ def test_xnnpack_8da4w_linear_is_the_reference_arithmetic():
     assert rel <= 1e-5, f"XNNPACK 8da4w differs from the reference arithmetic: {rel:.2e}"
 
 
+def test_xnnpack_takes_unbacked_sizes_only_when_they_cannot_be_empty():
+    """The portable flavour's filled length (1 <= n <= capacity) passes the narrowed check, a size
+    that may be 0 is still refused, and the library's own check is back after the context."""
+    import executorch.backends.xnnpack.partition.config.xnnpack_config as config
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from export.targets.executorch.filled_length import xnnpack_takes_filled_lengths
+
+    env = ShapeEnv()
+    with FakeTensorMode(shape_env=env):
+        filled, maybe = env.create_unbacked_symint(), env.create_unbacked_symint()
+        torch._check(filled >= 1), torch._check(filled <= 64), torch._check(maybe >= 0), torch._check(maybe <= 64)
+        nonempty, may_be_empty, static = torch.empty(3, filled, 8), torch.empty(3, maybe, 8), torch.empty(3, 5, 8)
+    refuses = config.has_free_unbacked_symbols
+    assert [refuses(t) for t in (nonempty, may_be_empty, static)] == [True, True, False]
+    with xnnpack_takes_filled_lengths():
+        assert [config.has_free_unbacked_symbols(t) for t in (nonempty, may_be_empty, static)] == [False, True, False]
+    assert config.has_free_unbacked_symbols is refuses
+
+
 def test_scales_off_the_bf16_grid_are_refused():
     from edgellm.quantization import quantize_weight
     from export.targets.executorch.lowering import intx_tensor
