@@ -143,9 +143,12 @@ def prepare_llama_cpp(loaded, cache: Path, out: Path, log: Path) -> System:
 def prepare_ort_genai(a, cache: Path, out: Path, log: Path) -> System:
     from bench import bench_onnx
 
+    from edgellm.cli import Terminal
+
     py = bench_onnx.genai_python(cache / "ort-genai-venv")
-    hf = bench_onnx.write_hf_folder(a.recipe, a.max_seq_len, out / "peers" / f"{a.recipe_name}-hf")
-    built = bench_onnx.build_peer(py, hf, out / "peers" / f"{a.recipe_name}-genai-int4-cpu")
+    with Terminal(quiet=True, log=out / "ort-genai-build.log"):  # torch/torchao/transformers noise
+        hf = bench_onnx.write_hf_folder(a.recipe, a.max_seq_len, out / "peers" / f"{a.recipe_name}-hf")
+        built = bench_onnx.build_peer(py, hf, out / "peers" / f"{a.recipe_name}-genai-int4-cpu")
     art = Path(built["artifact"])
     return System("ort-genai", "peer", art, model_bytes(art), extra={"python": str(py)})
 
