@@ -170,12 +170,11 @@ def export_program(model: Decoder, max_seq_len: int | None = None):
 
 
 def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCodes | None = None,
-                  status=lambda message: None, filled_attention: bool = True):
+                  status=lambda message: None):
     """Partitioning (XNNPACK by default) -> ExecuTorch program (cache write made in-place).
     ``lazy``: the program's placeholder codes, resolved as XNNPACK packs them; ``status`` names
-    the sub-stage that runs (a live display); ``filled_attention``: XNNPACK takes attention over
-    the filled slots (``filled_length.py``; an int8 cache's codes, written and read outside it
-    between the quantizing and the attending ops, would make that partition a cycle)."""
+    the sub-stage that runs (a live display). XNNPACK takes attention over the filled slots
+    (``filled_length.py``)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.dialects._ops import ops
     from executorch.exir.passes import MemoryPlanningPass
@@ -183,8 +182,7 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCode
     status("executorch: lower: edge dialect and XNNPACK partitioning")
     if lazy is not None:
         lazy.on_packed = lambda n, total: status(f"executorch: lower: XNNPACK packed {n}/{total} quantized weights")
-    with lean_edge(), lean_lowering() as lean, \
-            (xnnpack_takes_filled_lengths() if filled_attention else contextlib.nullcontext()), \
+    with lean_edge(), lean_lowering() as lean, xnnpack_takes_filled_lengths(), \
             (constants_shared_with_preprocess() if lean else contextlib.nullcontext()), \
             (lazy.reading() if lazy is not None else contextlib.nullcontext()):
         # the same program, without retraces that cannot change it (lean_edge.py, lean_lowering.py)
@@ -253,8 +251,7 @@ def lower(job) -> Path:
         applied, quantized = traced[1:]
     with job.stage("lower"):  # the program's only reference moves into lower_program, which drops it
         et, census = lower_program(traced.pop(0), constant_methods(job), flavour.options["partitioners"], lazy,
-                                   status=getattr(job.progress, "status", lambda message: None),
-                                   filled_attention=cfg.kv_cache.dtype != "int8")
+                                   status=getattr(job.progress, "status", lambda message: None))
     outside = ", ".join(f"{k} x{v}" for k, v in census["outside"].items()) or "none"
     job.progress(f"executorch: {census['delegates']} delegate calls; ops outside delegates: {outside}")
     with job.writer() as w:
