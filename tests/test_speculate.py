@@ -129,8 +129,38 @@ def _identical_and_accepted(backend, prompt, n):
     plain = generate(backend, prompt, cfg, chat=True)
     spec = generate(backend, prompt, cfg, chat=True, speculate=4)
     print(f"\n{backend.name}: {plain.decode_tok_s:.1f} -> {spec.decode_tok_s:.1f} tok/s, {spec.speculation}")
-    assert spec.tokens == plain.tokens
+    if backend.capabilities.activation_scheme is None:
+        assert spec.tokens == plain.tokens
+    else:
+        _differ_only_at_a_near_tie(backend, backend.tokenizer.encode_chat([{"role": "user", "content": prompt}]),
+                                   plain.tokens, spec.tokens)
     assert spec.speculation["forwards"] > 0 and spec.speculation["acceptance_rate"] > 0.5
+
+
+def _differ_only_at_a_near_tie(backend, ids, plain, spec, positions=5):
+    """With int8 dynamic activations, a forward of several positions and the same positions fed
+    one at a time round differently (the README's speculation section), so speculation may leave
+    plain greedy's path where the two paths disagree on the argmax. Identical tokens, or a first
+    difference at a step whose top-2 margin on the plain path is within twice what a
+    ``positions``-wide verification forward moves that step's logits by; a broken acceptance
+    rule takes a draft where plain greedy had a clear winner and fails here."""
+    i = next((j for j, (a, b) in enumerate(zip(plain, spec)) if a != b), None)
+    if i is None:
+        assert len(spec) == len(plain)
+        return
+    ctx = ids + plain[:i]
+    backend.reset()
+    single = backend.prefill(ids)  # plain greedy's path: the prompt, then one token a call
+    for t in plain[:i]:
+        single = backend.decode(t)
+    backend.reset()
+    backend.prefill(ctx[:-positions])
+    multi = backend.forward_all(ctx[-positions:])[-1]
+    moved = float(np.abs(multi - single).max())
+    margin = float(single[plain[i]] - single[spec[i]])
+    print(f"first difference at step {i}: plain's margin {margin:.4f}, a {positions}-position forward moves "
+          f"the logits by up to {moved:.4f}")
+    assert margin <= 2 * moved, f"speculation left plain greedy at step {i}, a decisive step (margin {margin:.3f})"
 
 
 def test_greedy_speculation_is_token_identical_eager(smollm2, copy_prompt):
