@@ -1,8 +1,8 @@
 """ExecuTorch ``.pte`` as a Backend, run by the wheel's pybindings (XNNPACK delegate inside).
 
 The program has one method ``forward(tokens[1, T], input_pos[T]) -> logits[1, T, vocab]``
-whose KV cache lives in mutable buffers inside the loaded program, so this class only keeps
-the position; ``CachedBackend`` refuses writes past the capacity before the program sees them.
+(T up to the manifest's ``dynamic_tokens``: longer calls are chunked) whose KV cache lives in
+mutable buffers inside the loaded program, so this class only keeps the position; ``CachedBackend`` refuses writes past the capacity before the program sees them.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ class ExecuTorchBackend(Backend):
 
     def __init__(self, pte: Path, tokenizer, max_seq_len: int, vocab_size: int, name: str = "executorch",
                  threads: int | None = None, custom_ops: bool = False, activation_scheme: str | None = None,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, max_tokens: int | None = None):
         self.pte = Path(pte)
+        self.max_tokens = max_tokens  # the program's largest T (its manifest's dynamic_tokens)
         self.activation_scheme = activation_scheme
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
@@ -76,6 +77,10 @@ class ExecuTorchBackend(Backend):
         pos = torch.arange(start, start + len(ids), dtype=torch.long)
         return self.program.forward((tokens, pos))[0][0].numpy()
 
+    @property
+    def _max_chunk(self) -> int:
+        return min(super()._max_chunk, self.max_tokens or self.max_seq_len)
+
     def _reset(self) -> None:
         """Nothing to clear: every slot at or after the new position is masked (portable) or not
         read (custom_sdpa reads 0..pos) until it has been rewritten."""
@@ -91,6 +96,7 @@ class ExecuTorchBackend(Backend):
         return cls(directory / manifest["artifact"], tokenizer, int(manifest["max_seq_len"]),
                    int(manifest["vocab_size"]), name=manifest.get("name", "executorch"), threads=options.threads,
                    custom_ops=bool(et.get("custom_ops")), config=manifest.get("config"),
+                   max_tokens=int(et["dynamic_tokens"][1]) if et.get("dynamic_tokens") else None,
                    # recorded since int8 weights (8da8w); older manifests: only 8da4w quantizes activations
                    activation_scheme=et.get("activation_scheme",
                                             "int8-token-asym" if et.get("linear_scheme") == "8da4w" else None))

@@ -1,7 +1,7 @@
 """ExecuTorch target: the one decoder, lowered to XNNPACK, as a ``.pte`` with its KV cache inside.
 
 One method ``forward(tokens int64[1, T], input_pos int64[T]) -> logits float32[1, T, vocab]``
-with a dynamic T (1..capacity-1) serves prefill and decode; the KV cache is a set of mutable
+with a dynamic T (1..``prefill_chunk``) serves prefill and decode; the KV cache is a set of mutable
 buffers that persist between calls. Two flavours of the same decoder (``FLAVOURS``):
 
 - ``portable``: only standard ATen ops, formulated so that XNNPACK takes nearly everything
@@ -145,11 +145,25 @@ def weighted_decoder(job, lazy: LazyCodes | None = None) -> tuple[Decoder, dict[
 
 # ---- export ----
 
+PREFILL_CHUNK = 128  # most tokens one forward takes (as ExecuTorch's export_llama)
+
+
+def prefill_chunk(cfg) -> int:
+    """The program's largest T. ExecuTorch plans every activation at its upper bound and the
+    runtime allocates (and zero-fills) that plan when it loads the method, so a T of capacity - 1
+    held the logits and MLP activations of a whole-cache prefill resident for the program's life
+    (at XGen-7B's 8191 tokens, 51200-wide logits alone are 1.7 GB). Longer prompts are prefilled
+    in chunks of this size, by every runner (``dynamic_tokens`` in the manifest,
+    ``get_max_seq_len`` for TextLLMRunner)."""
+    return min(cfg.max_chunk, PREFILL_CHUNK)
+
+
 def constant_methods(job) -> dict:
-    """Metadata ExecuTorch's LLM runner (TextLLMRunner) reads from the program."""
+    """Metadata ExecuTorch's LLM runner (TextLLMRunner) reads from the program: it prefills in
+    chunks of ``get_max_seq_len`` tokens into a cache of ``get_max_context_len`` slots."""
     cfg, rec = job.loaded.config, job.loaded.recipe
     return {
-        "get_max_seq_len": cfg.max_seq_len,
+        "get_max_seq_len": prefill_chunk(cfg),
         "get_max_context_len": cfg.max_seq_len,
         "get_vocab_size": cfg.vocab_size,
         "get_n_layers": cfg.n_layers,
@@ -162,9 +176,9 @@ def constant_methods(job) -> dict:
 
 
 def export_program(model: Decoder, max_seq_len: int | None = None):
-    """torch.export with a dynamic query length 1..``max_chunk`` (capacity - 1, at most the ring)."""
+    """torch.export with a dynamic query length 1..``prefill_chunk`` (``max_seq_len``: 1..that - 1)."""
     example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2, dtype=torch.long))
-    T = torch.export.Dim("T", min=1, max=model.config.max_chunk if max_seq_len is None else max_seq_len - 1)
+    T = torch.export.Dim("T", min=1, max=prefill_chunk(model.config) if max_seq_len is None else max_seq_len - 1)
     with torch.no_grad():
         return torch.export.export(model, example, dynamic_shapes=({1: T}, {0: T}), strict=False)
 
@@ -262,7 +276,7 @@ def lower(job) -> Path:
             job.write_tokenizer(w)
             runner_json.write(Tokenizer.load(w.dir), w.dir)  # as read back, for ExecuTorch's TextLLMRunner
         manifest = job.manifest(PTE_FILE, applied, executorch={
-            "flavour": flavour.name, "method": "forward", "dynamic_tokens": [1, cfg.max_chunk],
+            "flavour": flavour.name, "method": "forward", "dynamic_tokens": [1, prefill_chunk(cfg)],
             "custom_ops": bool(flavour.options["custom_ops"]), "partitioners": list(flavour.options["partitioners"]),
             "quantized_weights": len(quantized), **schemes_record(quantized),
             "delegation": census, "runner_tokenizer": RUNNER_TOKENIZER})
