@@ -540,8 +540,8 @@ def test_int8_tiny_matches_eager_and_stores_the_shared_codes(export_artifact, in
 def test_planned_memory_is_one_prefill_chunk_not_the_capacity(export_artifact):
     """ExecuTorch allocates (and zero-fills) a method's planned activations when it loads it, at
     the upper bound of every dynamic size: a program taking capacity - 1 tokens a call kept a
-    whole-cache prefill's logits resident (XGen-7B at 8K: 2.48 GB planned, 4.1 GB run RSS for a
-    one-layer .pte; 0.69 GB / 1.9 GB at 256 tokens a call). The .pte takes ``prefill_chunk``
+    whole-cache prefill's logits resident (XGen-7B's width, one layer, 8K slots: 2.48 GB planned,
+    4.1 GB run RSS; 0.68 GB / 1.9 GB at 128 tokens a call). The .pte takes ``prefill_chunk``
     tokens a call; a longer prompt is prefilled in chunks with the same logits as eager."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
