@@ -273,13 +273,19 @@ def test_smollm2_int4_agreement(smol_art, smol_int4_ref, smol_int4_a8_ref, smol_
 
 
 @pytest.mark.slow
-def test_smollm2_int4_perplexity(smol_art, smol_int4_ref, smollm2, smol_ids):
+def test_smollm2_int4_perplexity(smol_art, smol_int4_ref, smol_int4_a8_ref, smollm2, smol_ids):
+    """Against the reference with the artifact's own arithmetic (int8 activations per 32-block):
+    those cost +0.9 % over weight-only int4 here (8.823 vs 8.741), and one rounding elsewhere moves
+    them by -0.7 % (its embeddings perturbed by 1e-7), so the weight-only figure, against which
+    this measured +1.4 % here and more than 2 % on a CPU with other kernels, is only printed."""
     ours = perplexity(_onnx(smol_art), smol_ids)
-    ref = perplexity(smol_int4_ref, smol_ids)
+    ref = perplexity(smol_int4_a8_ref, smol_ids)
+    weight_only = perplexity(smol_int4_ref, smol_ids)
     fp32 = perplexity(EagerBackend.from_loaded(smollm2), smol_ids)
-    print(f"\nSmolLM2 perplexity over {len(smol_ids) - 1} tokens: onnx int4 (acc4) {ours:.3f}, "
-          f"eager int4 {ref:.3f}, eager fp32 {fp32:.3f} (onnx/int4 {ours / ref:.4f}, onnx/fp32 {ours / fp32:.4f})")
-    assert abs(ours / ref - 1) <= 0.02, f"ONNX int4 perplexity {ours:.3f} vs eager int4 {ref:.3f}"
+    print(f"\nSmolLM2 perplexity over {len(smol_ids) - 1} tokens: onnx int4 (acc4) {ours:.3f}, eager int4 with "
+          f"int8 block activations {ref:.3f}, weight-only {weight_only:.3f}, fp32 {fp32:.3f} "
+          f"(onnx/ref {ours / ref:.4f}, onnx/weight-only {ours / weight_only:.4f}, onnx/fp32 {ours / fp32:.4f})")
+    assert abs(ours / ref - 1) <= 0.02, f"ONNX int4 perplexity {ours:.3f} vs eager int4+a8 {ref:.3f}"
 
 
 # ----------------------------------------------------------------------------- int8 weights (tiny)
