@@ -60,7 +60,8 @@ def runner(art: Path, threads: int, prompt: int, decode: int, runs: int) -> dict
         stats = []
         r.reset()
         r.generate(text, GenerationConfig(echo=False, max_new_tokens=decode, temperature=0.0, warming=i == 0),
-                   token_callback=lambda piece: None, stats_callback=stats.append)
+                   stats_callback=stats.append)  # no token callback: a piece may be a partial UTF-8
+        # sequence, which the binding cannot hand to Python (UnicodeDecodeError); the runner prints its pieces
         s = stats[-1]
         if i:
             points.append({"prompt_tokens": s.num_prompt_tokens, "decode_tokens": s.num_generated_tokens,
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--runs", type=int, default=1)
     a = ap.parse_args(argv)
-    print("RESULT " + json.dumps(LOOPS[a.loop](a.artifact, a.threads, a.prompt, a.decode, a.runs)), flush=True)
+    print("\nRESULT " + json.dumps(LOOPS[a.loop](a.artifact, a.threads, a.prompt, a.decode, a.runs)), flush=True)
     return 0
 
 
