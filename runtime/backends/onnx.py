@@ -106,9 +106,11 @@ class OnnxBackend(Backend):
         self._step_value = ort.OrtValue.ortvalue_from_numpy(self._step_logits)
         # ``logits_from`` (an input with a default of 0 = every row): -1 computes the head over
         # the last row only, which is all a prefill returns.
-        self._logits_from = "logits_from" in inputs
-        self._last_only = np.full((), -1, np.int64)
-        self._all_rows = np.zeros((), np.int64)
+        self._logits_from = "logits_from" in inputs or any(
+            i.name == "logits_from" for i in self.session.get_overridable_initializers())
+        # (bound as OrtValues: bind_cpu_input looks the name up among the required inputs only)
+        self._last_only = ort.OrtValue.ortvalue_from_numpy(np.full((), -1, np.int64))
+        self._all_rows = ort.OrtValue.ortvalue_from_numpy(np.zeros((), np.int64))
         self._binding = b = self.session.io_binding()
         b.bind_ortvalue_output("logits", self._step_value)  # first: get_outputs() follows binding order
         for past, present, value in zip(self._past, self._present, cache_values):
@@ -123,17 +125,17 @@ class OnnxBackend(Backend):
             b.bind_ortvalue_input(k, v)
         b.bind_ortvalue_output("logits", self._step_value)  # rebinding a name keeps its place in the output order
         if self._logits_from:
-            b.bind_cpu_input("logits_from", self._all_rows)
+            b.bind_ortvalue_input("logits_from", self._all_rows)
         self._step_bound = True
 
-    def _run_chunk(self, ids: list[int], start: int, logits_from: np.ndarray | None) -> np.ndarray:
+    def _run_chunk(self, ids: list[int], start: int, logits_from=None) -> np.ndarray:
         T = len(ids)
         b = self._binding
         b.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         b.bind_cpu_input("position_ids", np.arange(start, start + T, dtype=np.int64))
         b.bind_cpu_input("n_valid", np.asarray(start + T, dtype=np.int64))
         if self._logits_from:
-            b.bind_cpu_input("logits_from", logits_from if logits_from is not None else self._all_rows)
+            b.bind_ortvalue_input("logits_from", logits_from if logits_from is not None else self._all_rows)
         b.bind_output("logits", "cpu")
         self._step_bound = False
         self.session.run_with_iobinding(b)
