@@ -10,6 +10,10 @@ Systems (``--systems``, default all):
     same weights, in its own virtualenv, timed by the loop ours use (``bench/bench_onnx.py``);
   * ``export_llama``: ExecuTorch's own LLM export (8da4w, 4-bit embedding, custom SDPA and KV
     ops) of the same weights, timed like ours on the raw program (``bench/bench_executorch.py``).
+  * references (``bench.reference_loops``, on our own files): ``ref-runner-pte-portable`` /
+    ``ref-runner-pte-fast`` (ExecuTorch's C++ ``TextLLMRunner`` on the ``.pte``) and
+    ``ref-ort-loop-onnx`` (a minimal IOBinding ONNX Runtime loop on the ``.onnx``): the report
+    gives ours / reference per round, i.e. what ``python -m runtime bench`` adds (issue 16: <= 5 %).
 Peers are built once under ``--cache`` (default ``$EDGELLM_HOME/peers``); one that cannot be
 built here is reported with the reason, never estimated. Each round measures the machine's read
 bandwidth, then every system at every thread count in a fresh process, in an order rotated per
@@ -41,6 +45,10 @@ LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 OURS = {"edgellm-pte-fast": ("executorch", "fast"), "edgellm-pte-portable": ("executorch", "portable"),
         "edgellm-onnx": ("onnx", None)}
 PEERS = ("llama.cpp", "ort-genai", "export_llama")
+# reference loop -> (bench.reference_loops loop, the system of ours whose artifact it runs)
+REFERENCES = {"ref-runner-pte-portable": ("runner", "edgellm-pte-portable"),
+              "ref-runner-pte-fast": ("runner", "edgellm-pte-fast"),
+              "ref-ort-loop-onnx": ("ort-loop", "edgellm-onnx")}
 MODEL_SUFFIXES = (".pte", ".onnx", ".data", ".gguf")
 
 
@@ -51,7 +59,7 @@ class NotBuilt(RuntimeError):
 @dataclass
 class System:
     name: str
-    kind: str  # "ours" or "peer"
+    kind: str  # "ours", "peer" or "reference" (a minimal loop on one of ours' files)
     artifact: Path | None = None
     model_bytes: int = 0
     error: str | None = None
@@ -173,7 +181,11 @@ def prepare_export_llama(loaded, a, out: Path, log: Path) -> System:
 # ---- one measurement: a fresh process per system and thread count ----
 
 def measure(s: System, threads: int, a, out: Path, log: Path) -> dict:
-    if s.kind == "ours":
+    if s.kind == "reference":
+        p = _run([sys.executable, "-m", "bench.reference_loops", s.extra["loop"], s.artifact, "--threads", threads,
+                  "--prompt", a.prompt, "--decode", a.decode, "--runs", 1], log, cwd=ROOT)
+        r = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    elif s.kind == "ours":
         res = out / "point.json"
         _run([sys.executable, "-m", "runtime", "bench", s.artifact, "--threads", threads, "--runs", 1,
               "--prompt-tokens", a.prompt, "--decode-tokens", a.decode, "--json", res], log, cwd=ROOT)
@@ -225,6 +237,18 @@ def summarize(systems: list[System], bandwidth: dict, threads: list[int]) -> dic
             for r in rows:
                 r[f"{key}_{t}t_vs_best_peer"] = (round(r[f"{key}_{t}t"]["median"] / best, 3)
                                                  if best and r[f"{key}_{t}t"] else None)
+    by_name = {s.name: s for s in systems}
+    for r in rows:  # ours / reference on the same file, per round (the rounds interleave them)
+        if r["kind"] != "reference":
+            continue
+        ours = by_name.get(REFERENCES[r["system"]][1])
+        ref = by_name[r["system"]]
+        r["ours"] = ours.name if ours else None
+        for t in threads:
+            for key in ("decode_tok_s", "prefill_tok_s"):
+                pairs = list(zip(ours.points.get(t, []), ref.points.get(t, []))) if ours else []
+                ratios = [o[key] / f[key] for o, f in pairs if f[key]]
+                r[f"ours_over_reference_{key}_{t}t"] = round(statistics.median(ratios), 3) if ratios else None
     return {"rows": rows, "bandwidth_gbs": {str(t): bandwidth.get(t, []) for t in threads}}
 
 
@@ -250,11 +274,21 @@ def markdown(report: dict, threads: list[int]) -> str:
                       "-" if of is None else f"{of:.0%}", cell(r[f"prefill_tok_s_{t}t"]),
                       ratio(r[f"prefill_tok_s_{t}t_vs_best_peer"])]
         lines.append("| " + " | ".join(cells) + " |")
+    for r in report["rows"]:
+        if r["kind"] == "reference" and not r["error"]:
+            lines.append("")
+            lines.append(f"{r['ours']} / {r['system']} (same file; median of per-round ratios): " + ", ".join(
+                f"decode {t}t {_x(r.get(f'ours_over_reference_decode_tok_s_{t}t'))}, "
+                f"prefill {t}t {_x(r.get(f'ours_over_reference_prefill_tok_s_{t}t'))}" for t in threads))
     bw = ", ".join(f"{t}t {statistics.median(v):.1f} GB/s" for t, v in report["bandwidth_gbs"].items() if v)
     lines.append("")
     lines.append(f"Medians (min-max) of {report['rounds']} interleaved rounds; prompt {report['prompt']} tokens, "
                  f"decode {report['decode']}; read bandwidth {bw}; bound = bandwidth / model bytes.")
     return "\n".join(lines)
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.3f}x"
 
 
 def plot(report: dict, threads: list[int], path: Path) -> None:
@@ -284,7 +318,7 @@ def plot(report: dict, threads: list[int], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="smollm2-135m")
-    ap.add_argument("--systems", nargs="+", default=[*OURS, *PEERS], choices=[*OURS, *PEERS])
+    ap.add_argument("--systems", nargs="+", default=[*OURS, *PEERS, *REFERENCES], choices=[*OURS, *PEERS, *REFERENCES])
     ap.add_argument("--artifact", nargs="*", default=[], help="existing artifacts of ours to time instead of exporting")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=6)
@@ -322,6 +356,14 @@ def main(argv=None) -> int:
         try:
             if name in OURS:
                 s = prepare_ours(name, a, out, log)
+            elif name in REFERENCES:
+                loop, of = REFERENCES[name]
+                base = next((x for x in systems if x.name == of), None)
+                if base is None:  # its artifact without timing ours
+                    base = prepare_ours(of, a, out, log)
+                if base.error:
+                    raise NotBuilt(f"{of} was not built: {base.error}")
+                s = System(name, "reference", base.artifact, base.model_bytes, extra={"loop": loop})
             elif name == "llama.cpp":
                 s = prepare_llama_cpp(loaded, cache, out, log)
             elif name == "ort-genai":
@@ -329,7 +371,8 @@ def main(argv=None) -> int:
             else:
                 s = prepare_export_llama(loaded, a, out, log)
         except (NotBuilt, RuntimeError, SystemExit, OSError, StopIteration) as e:
-            s = System(name, "ours" if name in OURS else "peer", error=str(e) or type(e).__name__)
+            s = System(name, "ours" if name in OURS else "reference" if name in REFERENCES else "peer",
+                       error=str(e) or type(e).__name__)
             print(f"  {name}: not built: {s.error}", flush=True)
         else:
             print(f"  {name}: {s.artifact} ({s.model_bytes / 1e6:.1f} MB of model, {time.time() - t:.0f} s)", flush=True)

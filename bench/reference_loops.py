@@ -60,7 +60,8 @@ def runner(art: Path, threads: int, prompt: int, decode: int, runs: int) -> dict
         stats = []
         r.reset()
         r.generate(text, GenerationConfig(echo=False, max_new_tokens=decode, temperature=0.0, warming=i == 0),
-                   token_callback=lambda piece: None, stats_callback=stats.append)
+                   stats_callback=stats.append)  # no token callback: a piece may be a partial UTF-8
+        # sequence, which the binding cannot hand to Python (UnicodeDecodeError); the runner prints its pieces
         s = stats[-1]
         if i:
             points.append({"prompt_tokens": s.num_prompt_tokens, "decode_tokens": s.num_generated_tokens,
@@ -96,6 +97,8 @@ def ort_loop(art: Path, threads: int, prompt: int, decode: int, runs: int) -> di
     step_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in step.items()}  # share the arrays' memory
     logits = np.zeros((1, 1, int(m["vocab_size"])), np.float32)
     logits_value = ort.OrtValue.ortvalue_from_numpy(logits)
+    if any(i.name == "logits_from" for i in sess.get_overridable_initializers()):  # the head over the last row only
+        b.bind_ortvalue_input("logits_from", ort.OrtValue.ortvalue_from_numpy(np.full((), -1, np.int64)))
     ids = bench_prompt(prompt, int(m["vocab_size"]))
     points = []
     for i in range(1 + runs):
@@ -105,7 +108,7 @@ def ort_loop(art: Path, threads: int, prompt: int, decode: int, runs: int) -> di
         b.bind_cpu_input("n_valid", np.asarray(len(ids), np.int64))
         b.bind_output("logits", "cpu")
         sess.run_with_iobinding(b)
-        tok = int(b.get_outputs()[0].numpy()[0, -1].argmax())
+        tok = int(b.get_outputs()[0].numpy()[0, -1].argmax())  # the last row (the only one with logits_from)
         t1 = time.perf_counter()
         for k, v in step_values.items():
             b.bind_ortvalue_input(k, v)
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--runs", type=int, default=1)
     a = ap.parse_args(argv)
-    print("RESULT " + json.dumps(LOOPS[a.loop](a.artifact, a.threads, a.prompt, a.decode, a.runs)), flush=True)
+    print("\nRESULT " + json.dumps(LOOPS[a.loop](a.artifact, a.threads, a.prompt, a.decode, a.runs)), flush=True)
     return 0
 
 

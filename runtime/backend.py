@@ -131,17 +131,38 @@ class Backend(ABC):
                 f"{self.name}: writing {n} token(s) at position {self.pos} exceeds the KV cache capacity "
                 f"{self.max_seq_len}; shorten the prompt/generation or re-export with a larger --max-seq-len")
 
-    def forward_all(self, ids: list[int]) -> np.ndarray:
-        """Logits for every one of ``ids`` (appended at the current position), chunked as needed."""
+    def _checked(self, ids) -> list[int]:
         ids = [int(i) for i in ids]
         self._check_room(len(ids))
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the model's vocabulary [0, {self.vocab_size})")
+        if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
+        return ids
+
+    @staticmethod
+    def _rows(x, n: int) -> np.ndarray:
+        """``_forward``'s result as float32 [n, vocab]: a view when it already is one (no copy)."""
+        if isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2:
+            return x
+        return np.asarray(x, dtype=np.float32).reshape(n, -1)
+
+    def _forward_last(self, ids: list[int], start: int) -> np.ndarray:
+        """The float32 [vocab] logits of the last of ``ids`` only: a backend whose model can
+        skip the other rows' head (ONNX ``logits_from``) overrides it."""
+        return self._rows(self._forward(ids, start), len(ids))[-1]
+
+    def forward_all(self, ids: list[int]) -> np.ndarray:
+        """Logits for every one of ``ids`` (appended at the current position), chunked as needed."""
+        ids = self._checked(ids)
+        n = len(ids)
+        if n <= self._chunk_len():  # one call (every decode step): its rows as they are, no concatenation
+            out = self._rows(self._forward(ids, self.pos), n)
+            self.pos += n
+            return out
         outs, s = [], 0
-        while s < len(ids):
+        while s < n:
             chunk = ids[s:s + self._chunk_len()]
-            outs.append(np.asarray(self._forward(chunk, self.pos), dtype=np.float32).reshape(len(chunk), -1))
+            outs.append(self._rows(self._forward(chunk, self.pos), len(chunk)))
             self.pos += len(chunk)
             s += len(chunk)
         return np.concatenate(outs, axis=0)
@@ -158,7 +179,16 @@ class Backend(ABC):
         return min(self._max_chunk, self.sinks + self.ring - slot)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        return self.forward_all(ids)[-1]
+        """The last id's logits; the other rows are never asked for (a backend may skip them)."""
+        ids = self._checked(ids)
+        s = 0
+        while True:
+            chunk = ids[s:s + self._chunk_len()]
+            last = self._forward_last(chunk, self.pos)
+            self.pos += len(chunk)
+            s += len(chunk)
+            if s >= len(ids):
+                return last
 
     def decode(self, id: int) -> np.ndarray:
         return self.forward_all([id])[-1]

@@ -66,6 +66,8 @@ class ExecuTorchBackend(Backend):
             set_threads(threads)
         self.program = load_program(self.pte, custom_ops)
         self._pool = pool_size()
+        self._step_in = (torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        self._step_np = tuple(t.numpy() for t in self._step_in)
         self.pos = 0
 
     def _forward(self, ids: list[int], start: int) -> np.ndarray:
@@ -73,8 +75,14 @@ class ExecuTorchBackend(Backend):
             raise RuntimeError(f"{self.name}: the process-wide XNNPACK threadpool was resized from {self._pool} to "
                                f"{pool_size()} threads after this program was loaded, which invalidates it; load the "
                                f"artifact again (one thread count per process, or load after resizing)")
-        tokens = torch.tensor([ids], dtype=torch.long)
-        pos = torch.arange(start, start + len(ids), dtype=torch.long)
+        if len(ids) == 1:  # a decode step: the preallocated inputs, rewritten through numpy views
+            self._step_np[0][0, 0] = ids[0]
+            self._step_np[1][0] = start
+            tokens, pos = self._step_in
+        else:
+            tokens = torch.tensor([ids], dtype=torch.long)
+            pos = torch.arange(start, start + len(ids), dtype=torch.long)
+        # The program's outputs are cloned out of its planned memory (clone_outputs): ours to keep.
         return self.program.forward((tokens, pos))[0][0].numpy()
 
     @property

@@ -96,33 +96,70 @@ class OnnxBackend(Backend):
         inputs = {i.name: i for i in self.session.get_inputs()}  # an fp16/int8 cache: its own types
         self._cache = [np.zeros(inputs[n].shape, _NUMPY[inputs[n].type]) for n in self._past]
         cache_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._cache]
-        # One-token steps write their logits into a buffer of ours; longer calls let ORT allocate.
+        # One-token steps: every input is a numpy array of ours shared with its bound OrtValue
+        # (rewritten in place, never rebound) and the logits land in a buffer of ours; longer
+        # calls bind their inputs per call and let ORT allocate the logits.
+        self._step_in = {"input_ids": np.zeros((1, 1), np.int64), "position_ids": np.zeros(1, np.int64),
+                         "n_valid": np.zeros((), np.int64)}
+        self._step_in_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._step_in.items()}
         self._step_logits = np.zeros((1, 1, self.vocab_size), np.float32)
         self._step_value = ort.OrtValue.ortvalue_from_numpy(self._step_logits)
+        # ``logits_from`` (an input with a default of 0 = every row): -1 computes the head over
+        # the last row only, which is all a prefill returns.
+        self._logits_from = "logits_from" in inputs or any(
+            i.name == "logits_from" for i in self.session.get_overridable_initializers())
+        # (bound as OrtValues: bind_cpu_input looks the name up among the required inputs only)
+        self._last_only = ort.OrtValue.ortvalue_from_numpy(np.full((), -1, np.int64))
+        self._all_rows = ort.OrtValue.ortvalue_from_numpy(np.zeros((), np.int64))
         self._binding = b = self.session.io_binding()
         b.bind_ortvalue_output("logits", self._step_value)  # first: get_outputs() follows binding order
         for past, present, value in zip(self._past, self._present, cache_values):
             b.bind_ortvalue_input(past, value)
             b.bind_ortvalue_output(present, value)  # in place: present_i is past_i's memory
         self._cache_values = cache_values
+        self._bind_step()
+
+    def _bind_step(self) -> None:
+        b = self._binding
+        for k, v in self._step_in_values.items():
+            b.bind_ortvalue_input(k, v)
+        b.bind_ortvalue_output("logits", self._step_value)  # rebinding a name keeps its place in the output order
+        if self._logits_from:
+            b.bind_ortvalue_input("logits_from", self._all_rows)
         self._step_bound = True
 
-    def _forward(self, ids: list[int], start: int) -> np.ndarray:
+    def _run_chunk(self, ids: list[int], start: int, logits_from=None) -> np.ndarray:
         T = len(ids)
         b = self._binding
         b.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         b.bind_cpu_input("position_ids", np.arange(start, start + T, dtype=np.int64))
         b.bind_cpu_input("n_valid", np.asarray(start + T, dtype=np.int64))
-        if T == 1:
-            if not self._step_bound:  # rebinding a name keeps its place in the output order
-                b.bind_ortvalue_output("logits", self._step_value)
-                self._step_bound = True
-            self.session.run_with_iobinding(b)
-            return self._step_logits[0].copy()
+        if self._logits_from:
+            b.bind_ortvalue_input("logits_from", logits_from if logits_from is not None else self._all_rows)
         b.bind_output("logits", "cpu")
         self._step_bound = False
         self.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()[0]
+
+    def _step(self, token: int, start: int) -> np.ndarray:
+        if not self._step_bound:
+            self._bind_step()
+        step = self._step_in
+        step["input_ids"][0, 0] = token
+        step["position_ids"][0] = start
+        step["n_valid"][()] = start + 1
+        self.session.run_with_iobinding(self._binding)
+        return self._step_logits[0].copy()  # ours: the next step rewrites the bound buffer
+
+    def _forward(self, ids: list[int], start: int) -> np.ndarray:
+        if len(ids) == 1:
+            return self._step(ids[0], start)
+        return self._run_chunk(ids, start, None)
+
+    def _forward_last(self, ids: list[int], start: int) -> np.ndarray:
+        if len(ids) == 1:
+            return self._step(ids[0], start)[0]
+        return self._run_chunk(ids, start, self._last_only if self._logits_from else None)[-1]
 
     def _reset(self) -> None:
         # Slots past n_valid are never read; zeroing keeps a reset backend bit-for-bit fresh.

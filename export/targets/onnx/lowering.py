@@ -413,6 +413,7 @@ def lower(job) -> Path:
             tables = cfg.kv_cache.window is None  # a windowed cache computes RoPE from the position: no tables
             fuse_for_ort_cpu(onnx_model, cfg, source("rope.cos").numpy() if tables else None,
                              source("rope.sin").numpy() if tables else None, job.progress)
+        add_logits_from(onnx_model)
     onnx_model.producer_name = "edgellm"
     if any(n.domain == MS for n in onnx_model.graph):
         onnx_model.opset_imports[MS] = 1
@@ -431,8 +432,41 @@ def lower(job) -> Path:
             "external_data": DATA_FILE if external else None,
             "matmulnbits_accuracy_level": STORED_ACCURACY_LEVEL if job.quant is not None else None,
             "cache_shape": [1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim], "ops": ops,
+            "optional_inputs": {LOGITS_FROM: 0},  # not in "inputs": a runtime may leave it at its default
             "cache_inputs": cache_inputs(in_names, model_states)})
         return w.commit(manifest)
+
+
+LOGITS_FROM = "logits_from"
+
+
+def add_logits_from(model) -> None:
+    """An optional input ``logits_from`` int64[] (an initializer that is also a graph input, default
+    0: every row, so a runtime that does not know it gets [1, T, vocab] as before) slicing the
+    head's input along T from that row on. A prefill passes -1: only the last row goes through the
+    head (at T = 64 the head was ~1/5 of the prefill's arithmetic); parity's teacher forcing and
+    perplexity keep the default and read every row."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    logits = next(v for v in graph.outputs if v.name == "logits")
+    head = logits.producer()
+    if head is None or head.op_type not in ("MatMulNBits", "MatMul") or head.inputs[0].shape is None \
+            or len(head.inputs[0].shape) != 3:
+        raise EdgeLLMError(f"onnx: logits are not a head over [1, T, hidden] ({head and head.op_type}); "
+                           f"cannot add {LOGITS_FROM}")
+    start = ir.Value(name=LOGITS_FROM, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64),
+                     const_value=ir.tensor(np.zeros((), np.int64), name=LOGITS_FROM))
+    graph.inputs.append(start)
+    graph.register_initializer(start)
+    zero = _init(graph, f"{LOGITS_FROM}.unsqueeze_axes", np.array([0], np.int64))
+    ends = _init(graph, f"{LOGITS_FROM}.ends", np.array([np.iinfo(np.int64).max], np.int64))
+    axes = _init(graph, f"{LOGITS_FROM}.axes", np.array([1], np.int64))
+    starts = _node("", "Unsqueeze", [start, zero], name=f"{LOGITS_FROM}/Unsqueeze")
+    rows = _node("", "Slice", [head.inputs[0], starts.outputs[0], ends, axes], name=f"{LOGITS_FROM}/Slice")
+    rows.outputs[0].type = head.inputs[0].type
+    graph.insert_before(head, [starts, rows])
+    head.replace_input_with(0, rows.outputs[0])
 
 
 def save(model, path: Path, external: bool) -> None:
