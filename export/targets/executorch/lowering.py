@@ -49,7 +49,7 @@ FLAVOURS = (
             {"partitioners": ("xnnpack",), "custom_ops": False}, kv_dtypes=("fp32", "fp16", "int8"), kv_window=True),
     Flavour("fast", "ExecuTorch's LLM custom ops (update_cache, custom_sdpa); needs their kernels at runtime",
             _XNNPACK_FORMULATION + (Transform("executorch_llm_ops"),),
-            {"partitioners": ("xnnpack",), "custom_ops": True}, kv_window=True),
+            {"partitioners": ("xnnpack",), "custom_ops": True}, kv_dtypes=("fp32", "fp16", "int8"), kv_window=True),
 )
 
 
