@@ -363,6 +363,23 @@ def _llama_ops():
     return torch.ops.llama
 
 
+class KVQuantize(nn.Module):
+    """``quantize_kv`` of x [..., D] (rotated first by ``rotation``: ``KVCache.query``), a module of
+    its own so that the lowering can find its ops (``nn_module_stack``) and leave them outside
+    XNNPACK (``export.targets.executorch.lowering.PORTABLE_MODULES``)."""
+
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor | None = None):
+        return quantize_kv(x @ rotation if rotation is not None else x)
+
+
+class KVDequantize(nn.Module):
+    """int8 codes [..., D] times their fp16 scales [..., 1] as float32 (``KVCache.read``), a module of
+    its own for the same reason as ``KVQuantize``."""
+
+    def forward(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return codes.float() * scale.float()
+
+
 class CustomOpKVCache(KVCache):
     """ExecuTorch's ``llama::update_cache``; layout [1, S, Hkv, D] (what custom_sdpa reads); a
     windowed cache is written at its ring slots (``update_cache_with_indices``).
@@ -385,6 +402,7 @@ class CustomOpKVCache(KVCache):
             self.register_buffer("v_scale", torch.zeros(1, capacity, n_kv_heads, 1, dtype=torch.float16),
                                  persistent=False)
             self.register_buffer("key_rotation", hadamard(head_dim), persistent=False)
+            self.quantize, self.dequantize = KVQuantize(), KVDequantize()
 
     def _writes(self, k, v):
         """(buffer name, value) pairs to write, in the stored dtype."""
@@ -393,8 +411,8 @@ class CustomOpKVCache(KVCache):
         if self.spec.dtype == "fp16":
             return [("k", k.to(torch.float16)), ("v", v.to(torch.float16))]
         out = []
-        for name, x in (("k", self.query(k)), ("v", v)):
-            codes, scale = quantize_kv(x)
+        for name, x in (("k", k), ("v", v)):
+            codes, scale = self.quantize(x, self.key_rotation if name == "k" else None)
             out += [(name, codes), (f"{name}_scale", scale)]
         return out
 
@@ -424,7 +442,7 @@ class CustomOpKVCache(KVCache):
             x = x[:, :end]
         if self.spec.dtype == "int8":
             scale = getattr(self, f"{name}_scale")
-            return x.float() * (scale[:, :end] if end is not None else scale).float()
+            return self.dequantize(x, scale[:, :end] if end is not None else scale)
         return x.float() if x.dtype != torch.float32 else x
 
 

@@ -56,7 +56,31 @@ FLAVOURS = (
 def _xnnpack():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    return XnnpackPartitioner()
+    partitioner = XnnpackPartitioner()
+    for config in partitioner.target_partitioner_configs.values():
+        config.check_constraints = _outside_custom_op_cache(config.check_constraints)
+    return partitioner
+
+
+PORTABLE_MODULES = ("KVQuantize", "KVDequantize")  # export.transforms: the fast flavour's int8 cache arithmetic
+
+
+def _outside_custom_op_cache(check):
+    """XNNPACK leaves the ops of ``PORTABLE_MODULES`` (the fast flavour's int8 cache arithmetic:
+    the key rotation, scale and division that quantize, the multiplication that dequantizes) to
+    the portable kernels. Taken,
+    they split the layer's XNNPACK groups around the custom ops' writes so that one group feeds
+    another through update_cache and back (executorch 1.5.1's GroupBasedPartitioner then fails:
+    "Invalid partition, found dependency cycles"). An fp32 cache has no such op (the .pte is
+    byte-identical)."""
+
+    def checked(node, ep) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        if any(str(kind).rsplit(".", 1)[-1] in PORTABLE_MODULES for _, kind in stack.values()):
+            return False
+        return check(node, ep)
+
+    return checked
 
 
 PARTITIONERS = {"xnnpack": _xnnpack}  # a flavour names its partitioners; a new delegate adds one entry
