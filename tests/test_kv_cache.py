@@ -322,6 +322,27 @@ def test_fast_executorch_windowed_fp16_int8_cache_generates_like_eager(kv_export
     assert got.tokens == generate(ref, prompt, cfg).tokens
 
 
+@pytest.mark.parametrize("kv", [{"dtype": "fp16"}, {"dtype": "int8"}, {"dtype": "fp16", "window": WINDOW, "sinks": SINKS},
+                                {"dtype": "int8", "window": WINDOW, "sinks": SINKS}])
+def test_fast_executorch_transform_computes_the_eager_cache_arithmetic(kv):
+    """ExecuTorch's LLM custom ops (run through their AOT kernels) with an fp16/int8 cache give the
+    canonical decoder's logits with the same cache, in one chunk and token by token, past a
+    window's wrap."""
+    import copy
+
+    from export import transforms as tr
+
+    n = 2 * WINDOW + 6
+    base = resolve_model(recipe="tiny", kv_cache=kv, **({} if "window" in kv else {"max_seq_len": n + 1})).decoder().eval()
+    fast = tr.apply(copy.deepcopy(base), [tr.Transform("executorch_llm_ops")])
+    assert fast.layers[0].self_attn.kv_cache.k.dtype == base.layers[0].self_attn.kv_cache.k.dtype
+    ids = _ids(n, 49152)
+    for chunk in (1, 7):
+        want, got = _logits(base, ids, chunk), _logits(fast, ids, chunk)
+        base.reset_cache(), fast.reset_cache()
+        assert (got - want).abs().max().item() <= 2e-5 * want.abs().max().item(), (chunk, (got - want).abs().max())
+
+
 def test_fast_executorch_int8_cache_quantizes_outside_xnnpack():
     """The fast flavour's int8 cache arithmetic (KVQuantize, KVDequantize) is left to the portable
     kernels (XNNPACK's group partitioner otherwise finds a dependency cycle around update_cache);

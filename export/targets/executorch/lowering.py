@@ -10,7 +10,10 @@ buffers that persist between calls. Two flavours of the same decoder (``FLAVOURS
   in-place; attention reads only the filled slots, their count read from the last position
   (``filled_length.py``). Runs in a plain C++ runtime built from the wheel's libraries.
 - ``fast``: ExecuTorch's LLM custom ops (``llama::update_cache``, ``llama::custom_sdpa``),
-  which attend only to the filled part of the cache; needs the custom-ops library at runtime.
+  which attend only to the filled part of the cache; needs the custom-ops library at runtime. An
+  fp16/int8 cache is stored by update_cache and read back as fp32 for custom_sdpa
+  (``export.transforms.CustomOpKVCache``); int8's arithmetic stays outside XNNPACK
+  (``PORTABLE_MODULES``).
 
 Quantized weights come from the codes and scales of the shared quantization (``job.quant``)
 as torchao ``IntxUnpackedToInt8Tensor`` -- nothing is re-quantized here. int4 linears are 8da4w
