@@ -69,13 +69,12 @@ PORTABLE_MODULES = ("KVQuantize", "KVDequantize")  # export.transforms: the fast
 
 
 def _outside_custom_op_cache(check):
-    """XNNPACK leaves the ops of ``PORTABLE_MODULES`` (the fast flavour's int8 cache arithmetic:
-    the key rotation, scale and division that quantize, the multiplication that dequantizes) to
-    the portable kernels. Taken,
-    they split the layer's XNNPACK groups around the custom ops' writes so that one group feeds
-    another through update_cache and back (executorch 1.5.1's GroupBasedPartitioner then fails:
-    "Invalid partition, found dependency cycles"). An fp32 cache has no such op (the .pte is
-    byte-identical)."""
+    """``check`` (an XNNPACK op config's), refusing the ops of ``PORTABLE_MODULES`` (the fast
+    flavour's int8 cache arithmetic: the key rotation, scale and division that quantize, the
+    multiplication that dequantizes), which then run in the portable kernels. Taken, they tie the
+    layer's projections on both sides of update_cache into XNNPACK groups that feed each other
+    through it (executorch 1.5.1's GroupBasedPartitioner then fails: "Invalid partition, found
+    dependency cycles"). No other graph has such an op (the fp32 fast .pte is byte-identical)."""
 
     def checked(node, ep) -> bool:
         stack = node.meta.get("nn_module_stack") or {}
