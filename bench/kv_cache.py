@@ -8,7 +8,7 @@ cache bytes. Then a sliding window (default 512 + 4 sinks) on each target, strea
 4x the window: perplexity vs the eager model with a full cache of the text's length.
 
     python -m bench.kv_cache --out /tmp/kvbench [--targets executorch,onnx] [--slots 512,2048]
-                             [--dtypes fp32,fp16,int8] [--json report.json]
+                             [--dtypes fp32,fp16,int8] [--flavour executorch=fast] [--json report.json]
 
 SmolLM2's weights are a Q4_1 GGUF dequantized, which flatters Q4_1-like formats; the cache
 options do not quantize weights, so their perplexity ratios are not affected by that.
@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--flavour", action="append", default=[], metavar="TARGET=FLAVOUR",
+                   help="another flavour than the portable one, e.g. executorch=fast")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
 
@@ -67,13 +69,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     rows, quant = [], None
     targets = args.targets.split(",")
+    flavours = {**FLAVOURS, **dict(f.split("=", 1) for f in args.flavour)}
 
     def export(target, slots, kv):
         nonlocal quant
         loaded = resolve_model(recipe="smollm2-135m", max_seq_len=None if kv.get("window") else slots, kv_cache=kv)
         quant = quant or quantize_for(loaded, "int4", progress=lambda s: None)
         t = time.time()
-        art = run_export([target], loaded=loaded, quantization=quant, flavour=FLAVOURS[target], out=out,
+        art = run_export([target], loaded=loaded, quantization=quant, flavour=flavours[target], out=out,
                          progress=lambda s: None)[target]
         return loaded, art, time.time() - t
 
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
                 man = json.loads((art / "manifest.json").read_text())
                 scheme = backend.capabilities.activation_scheme
                 ref = EagerBackend.reference_for(man, activations=scheme or False, loaded=loaded, quantization=quant)
-                row = {"target": target, "slots": slots, "dtype": dtype, "export_s": round(secs, 1),
+                row = {"target": target, "flavour": flavours[target], "slots": slots, "dtype": dtype, "export_s": round(secs, 1),
                        "cache_bytes": man["kv_cache"]["bytes"], "ppl": round(perplexity(backend, text), 4),
                        # the eager model with the same cache and activation arithmetic: the cache's own
                        # effect, without the int8 activations' rounding cascades between implementations

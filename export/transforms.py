@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgellm.config import KVCacheConfig
-from edgellm.decoder import SDPA, CausalMask, Decoder, KVCache, PositionRotary, RMSNorm, Rotary, ring_slots
+from edgellm.decoder import (_STORED, SDPA, CausalMask, Decoder, KVCache, PositionRotary, RMSNorm, Rotary, hadamard,
+                             quantize_kv, ring_slots)
 
 TRANSFORMS: dict[str, Callable[..., Decoder]] = {}
 
@@ -362,29 +363,87 @@ def _llama_ops():
     return torch.ops.llama
 
 
+class KVQuantize(nn.Module):
+    """``quantize_kv`` of x [..., D] (rotated first by ``rotation``: ``KVCache.query``), a module of
+    its own so that the lowering can find its ops (``nn_module_stack``) and leave them outside
+    XNNPACK (``export.targets.executorch.lowering.PORTABLE_MODULES``)."""
+
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor | None = None):
+        return quantize_kv(x @ rotation if rotation is not None else x)
+
+
+class KVDequantize(nn.Module):
+    """int8 codes [..., D] times their fp16 scales [..., 1] as float32 (``KVCache.read``), a module of
+    its own for the same reason as ``KVQuantize``."""
+
+    def forward(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return codes.float() * scale.float()
+
+
 class CustomOpKVCache(KVCache):
-    """ExecuTorch's ``llama::update_cache``; layout [1, S, Hkv, D] (what custom_sdpa reads). fp32
-    (what the ops carry); a windowed cache is written at its ring slots (``update_cache_with_indices``)."""
+    """ExecuTorch's ``llama::update_cache``; layout [1, S, Hkv, D] (what custom_sdpa reads); a
+    windowed cache is written at its ring slots (``update_cache_with_indices``).
+
+    The stored dtype is the decoder's (``spec.dtype``): update_cache writes fp16 values, or int8
+    codes and their fp16 scales [1, S, Hkv, 1] (``quantize_kv``, keys rotated by ``key_rotation``
+    first), as it writes fp32. custom_sdpa takes K/V in the query's dtype only, so an fp16/int8
+    cache is read back as fp32 before it, exactly as ``KVCache.read``: a plain cache only its
+    slots 0..last position (all custom_sdpa reads), a windowed one whole (the mask picks)."""
 
     def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, spec: KVCacheConfig | None = None):
         nn.Module.__init__(self)
         self.spec = spec or KVCacheConfig()
-        self.register_buffer("k", torch.zeros(1, capacity, n_kv_heads, head_dim), persistent=False)
-        self.register_buffer("v", torch.zeros(1, capacity, n_kv_heads, head_dim), persistent=False)
+        dtype = _STORED[self.spec.dtype]
+        self.register_buffer("k", torch.zeros(1, capacity, n_kv_heads, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(1, capacity, n_kv_heads, head_dim, dtype=dtype), persistent=False)
+        if self.spec.dtype == "int8":
+            self.register_buffer("k_scale", torch.zeros(1, capacity, n_kv_heads, 1, dtype=torch.float16),
+                                 persistent=False)
+            self.register_buffer("v_scale", torch.zeros(1, capacity, n_kv_heads, 1, dtype=torch.float16),
+                                 persistent=False)
+            self.register_buffer("key_rotation", hadamard(head_dim), persistent=False)
+            self.quantize, self.dequantize = KVQuantize(), KVDequantize()
+
+    def _writes(self, k, v):
+        """(buffer name, value) pairs to write, in the stored dtype."""
+        if self.spec.dtype == "fp32":
+            return [("k", k), ("v", v)]
+        if self.spec.dtype == "fp16":
+            return [("k", k.to(torch.float16)), ("v", v.to(torch.float16))]
+        out = []
+        for name, x in (("k", k), ("v", v)):
+            codes, scale = self.quantize(x, self.key_rotation if name == "k" else None)
+            out += [(name, codes), (f"{name}_scale", scale)]
+        return out
 
     def update(self, input_pos, k, v, n=None):
         ops = _llama_ops()
+        writes = self._writes(k, v)
         if self.spec.ring is not None:
             slots = ring_slots(input_pos, self.spec)[None, :]
-            ops.update_cache_with_indices(k, self.k, 0, slots)
-            ops.update_cache_with_indices(v, self.v, 0, slots)
-            return self.k, self.v
+            for name, x in writes:
+                ops.update_cache_with_indices(x, getattr(self, name), 0, slots)
+            return self._read("k"), self._read("v")
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start < self.k.shape[1])
-        ops.update_cache(k, self.k, start)
-        ops.update_cache(v, self.v, start)
-        return self.k, self.v
+        for name, x in writes:
+            ops.update_cache(x, getattr(self, name), start)
+        if self.spec.dtype == "fp32":
+            return self.k, self.v
+        end = start + k.shape[1]  # custom_sdpa reads slots 0..end-1 only
+        torch._check(end <= self.k.shape[1])
+        return self._read("k", end), self._read("v", end)
+
+    def _read(self, name: str, end: int | None = None) -> torch.Tensor:
+        """Buffer ``name`` (its first ``end`` slots) as float32, as ``KVCache.read``."""
+        x = getattr(self, name)
+        if end is not None:
+            x = x[:, :end]
+        if self.spec.dtype == "int8":
+            scale = getattr(self, f"{name}_scale")
+            return self.dequantize(x, scale[:, :end] if end is not None else scale)
+        return x.float() if x.dtype != torch.float32 else x
 
 
 class CustomSDPA(SDPA):
@@ -409,13 +468,11 @@ class NoMask(nn.Module):
 
 @transform
 def executorch_llm_ops(model: Decoder) -> Decoder:
-    """Cache and attention as ExecuTorch's LLM custom ops (they go together: the cache layout). A
-    windowed cache keeps the decoder's mask (custom_sdpa then attends under it, not causally)."""
+    """Cache and attention as ExecuTorch's LLM custom ops (they go together: the cache layout), in
+    the cache's own dtype (fp32, fp16, int8). A windowed cache keeps the decoder's mask
+    (custom_sdpa then attends under it, not causally)."""
     _llama_ops()
     spec = model.config.kv_cache
-    if spec.dtype != "fp32":
-        raise ValueError(f"ExecuTorch's LLM custom ops carry an fp32 cache, not kv_cache {spec.to_dict()}: "
-                         f"export --flavour portable")
     _swap(model, KVCache, lambda old: CustomOpKVCache(old.k.shape[1], old.k.shape[2], old.k.shape[3], old.spec))
     _swap(model, SDPA, _same_sdpa(CustomSDPA))
     if spec.window is None:

@@ -220,7 +220,7 @@ def test_smollm2_long_text_through_a_window_of_512_with_4_sinks(smollm2):
 # (target, flavour) pairs that carry each option; the others refuse it up front (tested below).
 # ONNX portable's cache is the same traced ScatterElements graph as fast's (fast only fuses the
 # norms around it); its windowed int8 cache is run by the browser test (test_mobile_web.py).
-_PRECISION_TARGETS = [("executorch", "portable"), ("onnx", "fast"), ("coreml", None)]
+_PRECISION_TARGETS = [("executorch", "portable"), ("executorch", "fast"), ("onnx", "fast"), ("coreml", None)]
 _WINDOW_TARGETS = [("executorch", "portable"), ("executorch", "fast"), ("onnx", "fast")]
 
 
@@ -298,6 +298,67 @@ def test_windowed_artifact_generates_four_times_its_capacity_like_eager(kv_expor
     plain = load(str(kv_export(target, flavour, {}, quant="none")))
     with pytest.raises(CacheOverflowError):
         generate(plain, prompt, SamplingConfig(max_new_tokens=plain.max_seq_len, temperature=0.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_fast_executorch_windowed_fp16_int8_cache_generates_like_eager(kv_export, dtype):
+    """The fast flavour's fp16/int8 cache through a window (update_cache_with_indices on the
+    values, or on the codes and their scales): greedy through 4x the window token-identical to
+    the eager windowed reference with the same cache (fp32 weights)."""
+    from edgellm.artifact import read_manifest
+    from runtime import generate, load
+    from runtime.backends.eager import EagerBackend
+    from runtime.generate import SamplingConfig
+
+    art = kv_export("executorch", "fast", {"dtype": dtype, "window": WINDOW, "sinks": SINKS}, quant="none")
+    man = read_manifest(art)
+    assert man["kv_cache"]["dtype"] == dtype and man["kv_cache"]["window"] == WINDOW
+    cand, ref = load(str(art)), EagerBackend.reference_for(man)
+    cfg = SamplingConfig(max_new_tokens=4 * WINDOW, temperature=0.0, stop_at_eos=False)
+    prompt = list(range(5, 5 + WINDOW + 9))
+    got = generate(cand, prompt, cfg)
+    assert len(got.tokens) == 4 * WINDOW and cand.pos > 4 * WINDOW
+    assert got.tokens == generate(ref, prompt, cfg).tokens
+
+
+@pytest.mark.parametrize("kv", [{"dtype": "fp16"}, {"dtype": "int8"}, {"dtype": "fp16", "window": WINDOW, "sinks": SINKS},
+                                {"dtype": "int8", "window": WINDOW, "sinks": SINKS}])
+def test_fast_executorch_transform_computes_the_eager_cache_arithmetic(kv):
+    """ExecuTorch's LLM custom ops (run through their AOT kernels) with an fp16/int8 cache give the
+    canonical decoder's logits with the same cache, in one chunk and token by token, past a
+    window's wrap."""
+    import copy
+
+    from export import transforms as tr
+
+    n = 2 * WINDOW + 6
+    base = resolve_model(recipe="tiny", kv_cache=kv, **({} if "window" in kv else {"max_seq_len": n + 1})).decoder().eval()
+    fast = tr.apply(copy.deepcopy(base), [tr.Transform("executorch_llm_ops")])
+    assert fast.layers[0].self_attn.kv_cache.k.dtype == base.layers[0].self_attn.kv_cache.k.dtype
+    ids = _ids(n, 49152)
+    for chunk in (1, 7):
+        want, got = _logits(base, ids, chunk), _logits(fast, ids, chunk)
+        base.reset_cache(), fast.reset_cache()
+        assert (got - want).abs().max().item() <= 2e-5 * want.abs().max().item(), (chunk, (got - want).abs().max())
+
+
+def test_fast_executorch_int8_cache_quantizes_outside_xnnpack():
+    """The fast flavour's int8 cache arithmetic (KVQuantize, KVDequantize) is left to the portable
+    kernels (XNNPACK's group partitioner otherwise finds a dependency cycle around update_cache);
+    an fp32 or fp16 cache has no such module."""
+    from export import transforms as tr
+    from export.targets.executorch.lowering import FLAVOURS, PORTABLE_MODULES
+
+    fast = next(f for f in FLAVOURS if f.name == "fast")
+    for dtype, expected in (("fp32", set()), ("fp16", set()), ("int8", set(PORTABLE_MODULES))):
+        model = resolve_model(recipe="tiny", max_seq_len=64, kv_cache={"dtype": dtype}).decoder().eval()
+        tr.apply(model, list(fast.transforms))
+        cache = model.layers[0].self_attn.kv_cache
+        assert isinstance(cache, tr.CustomOpKVCache) and cache.k.dtype == {"fp32": torch.float32,
+                                                                           "fp16": torch.float16,
+                                                                           "int8": torch.int8}[dtype]
+        assert {type(m).__name__ for m in model.modules()} & set(PORTABLE_MODULES) == expected
 
 
 @pytest.mark.slow
@@ -384,7 +445,6 @@ def test_windowed_prefill_chunks_end_where_the_ring_wraps():
 
 
 @pytest.mark.parametrize("target, flavour, kv, refused", [
-    ("executorch", "fast", {"dtype": "int8"}, "an int8 KV cache"),
     ("coreml", None, {"dtype": "int8"}, "an int8 KV cache"),
 ])
 def test_a_target_that_cannot_carry_the_cache_refuses_up_front(tmp_path, target, flavour, kv, refused):

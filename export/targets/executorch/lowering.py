@@ -10,7 +10,10 @@ buffers that persist between calls. Two flavours of the same decoder (``FLAVOURS
   in-place; attention reads only the filled slots, their count read from the last position
   (``filled_length.py``). Runs in a plain C++ runtime built from the wheel's libraries.
 - ``fast``: ExecuTorch's LLM custom ops (``llama::update_cache``, ``llama::custom_sdpa``),
-  which attend only to the filled part of the cache; needs the custom-ops library at runtime.
+  which attend only to the filled part of the cache; needs the custom-ops library at runtime. An
+  fp16/int8 cache is stored by update_cache and read back as fp32 for custom_sdpa
+  (``export.transforms.CustomOpKVCache``); int8's arithmetic stays outside XNNPACK
+  (``PORTABLE_MODULES``).
 
 Quantized weights come from the codes and scales of the shared quantization (``job.quant``)
 as torchao ``IntxUnpackedToInt8Tensor`` -- nothing is re-quantized here. int4 linears are 8da4w
@@ -49,14 +52,37 @@ FLAVOURS = (
             {"partitioners": ("xnnpack",), "custom_ops": False}, kv_dtypes=("fp32", "fp16", "int8"), kv_window=True),
     Flavour("fast", "ExecuTorch's LLM custom ops (update_cache, custom_sdpa); needs their kernels at runtime",
             _XNNPACK_FORMULATION + (Transform("executorch_llm_ops"),),
-            {"partitioners": ("xnnpack",), "custom_ops": True}, kv_window=True),
+            {"partitioners": ("xnnpack",), "custom_ops": True}, kv_dtypes=("fp32", "fp16", "int8"), kv_window=True),
 )
 
 
 def _xnnpack():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    return XnnpackPartitioner()
+    partitioner = XnnpackPartitioner()
+    for config in partitioner.target_partitioner_configs.values():
+        config.check_constraints = _outside_custom_op_cache(config.check_constraints)
+    return partitioner
+
+
+PORTABLE_MODULES = ("KVQuantize", "KVDequantize")  # export.transforms: the fast flavour's int8 cache arithmetic
+
+
+def _outside_custom_op_cache(check):
+    """``check`` (an XNNPACK op config's), refusing the ops of ``PORTABLE_MODULES`` (the fast
+    flavour's int8 cache arithmetic: the key rotation, scale and division that quantize, the
+    multiplication that dequantizes), which then run in the portable kernels. Taken, they tie the
+    layer's projections on both sides of update_cache into XNNPACK groups that feed each other
+    through it (executorch 1.5.1's GroupBasedPartitioner then fails: "Invalid partition, found
+    dependency cycles"). No other graph has such an op (the fp32 fast .pte is byte-identical)."""
+
+    def checked(node, ep) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        if any(str(kind).rsplit(".", 1)[-1] in PORTABLE_MODULES for _, kind in stack.values()):
+            return False
+        return check(node, ep)
+
+    return checked
 
 
 PARTITIONERS = {"xnnpack": _xnnpack}  # a flavour names its partitioners; a new delegate adds one entry
