@@ -138,7 +138,7 @@ class CausalMask(nn.Module):
         return mask[:, :n], n
 
 
-_STORED = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+STORED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +179,7 @@ class KVCache(nn.Module):
     def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, spec: KVCacheConfig | None = None):
         super().__init__()
         self.spec = spec or KVCacheConfig()
-        dtype = _STORED[self.spec.dtype]
+        dtype = STORED_DTYPES[self.spec.dtype]
         self.register_buffer("k", torch.zeros(1, n_kv_heads, capacity, head_dim, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(1, n_kv_heads, capacity, head_dim, dtype=dtype), persistent=False)
         if self.spec.dtype == "int8":

@@ -27,7 +27,7 @@ def parser() -> cli.Parser:
     p.add_argument("--kv-dtype", choices=["fp32", "fp16", "int8"],
                    help="KV cache precision (default: the recipe's kv_cache.dtype, else fp32); int8 = per token and head")
     p.add_argument("--kv-window", type=int, help="sliding-window cache of this many slots (positions grow without "
-                                                 "bound; executorch/onnx portable)")
+                                                 "bound; every target and flavour)")
     p.add_argument("--kv-sinks", type=int, help="first positions a windowed cache keeps (e.g. the system prompt)")
     p.add_argument("--out", default="out", help="output root; artifacts go to OUT/<recipe>-<target>-<quant>/")
     p.add_argument("--flavour", help="target flavour: executorch portable|fast (default portable), "

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgellm.config import KVCacheConfig
-from edgellm.decoder import (_STORED, SDPA, CausalMask, Decoder, KVCache, PositionRotary, RMSNorm, Rotary, hadamard,
-                             quantize_kv, ring_slots)
+from edgellm.decoder import (SDPA, STORED_DTYPES, CausalMask, Decoder, KVCache, PositionRotary, RMSNorm, Rotary,
+                             hadamard, quantize_kv, ring_slots)
 
 TRANSFORMS: dict[str, Callable[..., Decoder]] = {}
 
@@ -393,7 +393,7 @@ class CustomOpKVCache(KVCache):
     def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, spec: KVCacheConfig | None = None):
         nn.Module.__init__(self)
         self.spec = spec or KVCacheConfig()
-        dtype = _STORED[self.spec.dtype]
+        dtype = STORED_DTYPES[self.spec.dtype]
         self.register_buffer("k", torch.zeros(1, capacity, n_kv_heads, head_dim, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(1, capacity, n_kv_heads, head_dim, dtype=dtype), persistent=False)
         if self.spec.dtype == "int8":
