@@ -7,6 +7,7 @@ left is XNNPACK's kernel arithmetic. Exports come from the session-wide ``export
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -202,14 +203,23 @@ def test_smollm2_int4_agrees_with_eager_8da4w(export_artifact, smollm2_ref, smol
 
 @pytest.mark.slow
 def test_smollm2_int4_perplexity(export_artifact, smollm2, smollm2_ref, heldout_text):
+    """Within 2 % of the 8da4w reference plus twice the reference's own spread: one rounding moves
+    this reference's perplexity by percents (embeddings perturbed by 1e-7: -1.3 % to +1.4 % over
+    four seeds; fed one token at a time instead of in one call: +2.5 %), and the .pte computes
+    in 128-token calls with XNNPACK's roundings (+1.7 % portable, +3.3 % fast measured here)."""
     ids = smollm2_ref.tokenizer.encode(heldout_text)[:512]
     ref = parity.perplexity(smollm2_ref, ids)
+    spread = 0.0
+    for seed in range(3):
+        with smollm2_ref.perturbed(1e-7, seed=seed):
+            spread = max(spread, abs(parity.perplexity(smollm2_ref, ids) / ref - 1))
     fp32 = parity.perplexity(EagerBackend.from_loaded(smollm2, tokenizer=smollm2_ref.tokenizer), ids)
     for flavour in ("portable", "fast"):
         ppl = parity.perplexity(load(export_artifact("executorch", "smollm2", "int4", flavour), threads=1), ids)
-        print(f"perplexity ({len(ids) - 1} tokens): eager fp32 {fp32:.3f}, eager int4-8da {ref:.3f}, "
-              f"executorch int4 {flavour} {ppl:.3f} ({(ppl / ref - 1) * 100:+.2f}% vs eager int4)")
-        assert math.isfinite(ppl) and abs(ppl / ref - 1) <= 0.02
+        print(f"perplexity ({len(ids) - 1} tokens): eager fp32 {fp32:.3f}, eager int4-8da {ref:.3f} (spread under "
+              f"perturbation {spread * 100:.2f} %), executorch int4 {flavour} {ppl:.3f} "
+              f"({(ppl / ref - 1) * 100:+.2f}% vs eager int4)")
+        assert math.isfinite(ppl) and abs(ppl / ref - 1) <= 0.02 + 2 * spread
 
 
 @pytest.mark.slow
@@ -537,7 +547,8 @@ def test_int8_tiny_matches_eager_and_stores_the_shared_codes(export_artifact, in
                                                   if n not in ("embed_tokens.weight", "lm_head.weight")}))
 
 
-def test_planned_memory_is_one_prefill_chunk_not_the_capacity(export_artifact):
+@pytest.mark.parametrize("flavour", ["portable", "fast"])
+def test_planned_memory_is_one_prefill_chunk_not_the_capacity(export_artifact, flavour):
     """ExecuTorch allocates (and zero-fills) a method's planned activations when it loads it, at
     the upper bound of every dynamic size: a program taking capacity - 1 tokens a call kept a
     whole-cache prefill's logits resident (XGen-7B's width, one layer, 8K slots: 2.48 GB planned,
@@ -545,11 +556,10 @@ def test_planned_memory_is_one_prefill_chunk_not_the_capacity(export_artifact):
     tokens a call; a longer prompt is prefilled in chunks with the same logits as eager."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    from edgellm.model import resolve_model
     from export.targets.executorch.lowering import PREFILL_CHUNK
 
-    loaded = resolve_model(recipe="tiny", max_seq_len=1024)
-    art = export_artifact("executorch", loaded, "none", "portable")
+    loaded = _long_tiny()
+    art = export_artifact("executorch", loaded, "none", flavour)
     m = read_manifest(art)
     assert m["executorch"]["dynamic_tokens"] == [1, PREFILL_CHUNK] < [1, loaded.config.max_chunk]
     program = deserialize_pte_binary((art / m["artifact"]).read_bytes())
@@ -564,3 +574,11 @@ def test_planned_memory_is_one_prefill_chunk_not_the_capacity(export_artifact):
     prompt = [(7 * i) % 4000 + 5 for i in range(3 * PREFILL_CHUNK + 5)]
     stats = parity.compare_logits(be.forward_all(prompt), ref.forward_all(prompt))
     assert stats.max_rel <= 1e-4 and be.pos == len(prompt)
+
+
+@functools.cache
+def _long_tiny():
+    """The tiny model with a cache of 1024 slots: longer than one prefill chunk."""
+    from edgellm.model import resolve_model
+
+    return resolve_model(recipe="tiny", max_seq_len=1024)
