@@ -179,14 +179,17 @@ class KVCache(nn.Module):
     def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, spec: KVCacheConfig | None = None):
         super().__init__()
         self.spec = spec or KVCacheConfig()
+        self._allocate((1, n_kv_heads, capacity), head_dim)
+
+    def _allocate(self, layout: tuple[int, int, int], head_dim: int) -> None:
+        """k and v [*layout, D] in the stored dtype; int8 adds their fp16 scales [*layout, 1] and
+        the key rotation. A subclass with another layout (heads and slots swapped) calls it too."""
         dtype = STORED_DTYPES[self.spec.dtype]
-        self.register_buffer("k", torch.zeros(1, n_kv_heads, capacity, head_dim, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(1, n_kv_heads, capacity, head_dim, dtype=dtype), persistent=False)
+        for name in ("k", "v"):
+            self.register_buffer(name, torch.zeros(*layout, head_dim, dtype=dtype), persistent=False)
         if self.spec.dtype == "int8":
-            self.register_buffer("k_scale", torch.zeros(1, n_kv_heads, capacity, 1, dtype=torch.float16),
-                                 persistent=False)
-            self.register_buffer("v_scale", torch.zeros(1, n_kv_heads, capacity, 1, dtype=torch.float16),
-                                 persistent=False)
+            for name in ("k_scale", "v_scale"):
+                self.register_buffer(name, torch.zeros(*layout, 1, dtype=torch.float16), persistent=False)
             self.register_buffer("key_rotation", hadamard(head_dim), persistent=False)
 
     def state_names(self) -> list[str]:

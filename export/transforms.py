@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgellm.config import KVCacheConfig
-from edgellm.decoder import (SDPA, STORED_DTYPES, CausalMask, Decoder, KVCache, PositionRotary, RMSNorm, Rotary,
-                             hadamard, quantize_kv, ring_slots)
+from edgellm.decoder import SDPA, CausalMask, Decoder, KVCache, PositionRotary, RMSNorm, Rotary, quantize_kv, ring_slots
 
 TRANSFORMS: dict[str, Callable[..., Decoder]] = {}
 
@@ -393,15 +392,8 @@ class CustomOpKVCache(KVCache):
     def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, spec: KVCacheConfig | None = None):
         nn.Module.__init__(self)
         self.spec = spec or KVCacheConfig()
-        dtype = STORED_DTYPES[self.spec.dtype]
-        self.register_buffer("k", torch.zeros(1, capacity, n_kv_heads, head_dim, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(1, capacity, n_kv_heads, head_dim, dtype=dtype), persistent=False)
+        self._allocate((1, capacity, n_kv_heads), head_dim)
         if self.spec.dtype == "int8":
-            self.register_buffer("k_scale", torch.zeros(1, capacity, n_kv_heads, 1, dtype=torch.float16),
-                                 persistent=False)
-            self.register_buffer("v_scale", torch.zeros(1, capacity, n_kv_heads, 1, dtype=torch.float16),
-                                 persistent=False)
-            self.register_buffer("key_rotation", hadamard(head_dim), persistent=False)
             self.quantize, self.dequantize = KVQuantize(), KVDequantize()
 
     def _writes(self, k, v):
