@@ -153,19 +153,18 @@ class Backend(ABC):
 
     def forward_all(self, ids: list[int]) -> np.ndarray:
         """Logits for every one of ``ids`` (appended at the current position), chunked as needed."""
-        ids = self._checked(ids)
-        n = len(ids)
-        if n <= self._chunk_len():  # one call (every decode step): its rows as they are, no concatenation
-            out = self._rows(self._forward(ids, self.pos), n)
-            self.pos += n
-            return out
-        outs, s = [], 0
-        while s < n:
+        outs = [self._rows(self._forward(chunk, start), len(chunk)) for chunk, start in self._calls(self._checked(ids))]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)  # one call (every decode step): as it is
+
+    def _calls(self, ids: list[int]):
+        """(chunk, start) for each call ``ids`` take, the position moving past a chunk once the
+        caller asks for the next one (a call that raises leaves it where it was)."""
+        s = 0
+        while s < len(ids):
             chunk = ids[s:s + self._chunk_len()]
-            outs.append(self._rows(self._forward(chunk, self.pos), len(chunk)))
+            yield chunk, self.pos
             self.pos += len(chunk)
             s += len(chunk)
-        return np.concatenate(outs, axis=0)
 
     def _chunk_len(self) -> int:
         """Most tokens the next call at ``pos`` takes: ``_max_chunk``, and in a windowed cache no
@@ -180,15 +179,9 @@ class Backend(ABC):
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         """The last id's logits; the other rows are never asked for (a backend may skip them)."""
-        ids = self._checked(ids)
-        s = 0
-        while True:
-            chunk = ids[s:s + self._chunk_len()]
-            last = self._forward_last(chunk, self.pos)
-            self.pos += len(chunk)
-            s += len(chunk)
-            if s >= len(ids):
-                return last
+        for chunk, start in self._calls(self._checked(ids)):
+            last = self._forward_last(chunk, start)
+        return last
 
     def decode(self, id: int) -> np.ndarray:
         return self.forward_all([id])[-1]

@@ -2,7 +2,8 @@
 
 The program has one method ``forward(tokens[1, T], input_pos[T]) -> logits[1, T, vocab]``
 (T up to the manifest's ``dynamic_tokens``: longer calls are chunked) whose KV cache lives in
-mutable buffers inside the loaded program, so this class only keeps the position; ``CachedBackend`` refuses writes past the capacity before the program sees them.
+mutable buffers inside the loaded program, so this class only keeps the position; ``Backend``
+refuses writes past the capacity before the program sees them.
 """
 
 from __future__ import annotations
