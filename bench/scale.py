@@ -12,7 +12,7 @@ baked into the graph), so the runtime RSS of each cache precision stands next to
     python bench/scale.py [--recipes xgen-7b-8k-base ...] [--targets executorch onnx coreml]
                           [--max-seq-len 2048] [--kv-dtypes fp32 int8] [--n-layers N]
                           [--threads 1 2] [--prompt-tokens 16] [--cache out/scale]
-                          [--json FILE] [--markdown FILE] [--keep]
+                          [--json FILE] [--markdown FILE] [--keep] [--skip-memory-check]
 
 Checkpoints and artifacts are deleted after each recipe unless ``--keep`` (a 13B folder is 26 GB).
 Random weights decode at the speed of real ones (the work per token does not depend on values).
@@ -73,8 +73,9 @@ def checkpoint(recipe: str, cache: Path, log, n_layers: int | None = None) -> tu
 
 
 def export(recipe: str, target: str, ck: Path, out: Path, max_seq_len: int, kv_dtype: str | None = None,
-           n_layers: int | None = None) -> dict:
-    extra = (["--kv-dtype", kv_dtype] if kv_dtype else []) + (["--n-layers", str(n_layers)] if n_layers else [])
+           n_layers: int | None = None, skip_memory_check: bool = False) -> dict:
+    extra = (["--kv-dtype", kv_dtype] if kv_dtype else []) + (["--n-layers", str(n_layers)] if n_layers else []) \
+        + (["--skip-memory-check"] if skip_memory_check else [])
     p, wall, peak = run_measured(["-m", "export", "--target", target, "--recipe", recipe, "--checkpoint", str(ck),
                                   "--max-seq-len", str(max_seq_len), "--out", str(out), *extra])
     row = {"export_s": round(wall, 1), "export_peak_rss_gib": round(peak / 1024, 2), "rc": p.returncode}
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument("--keep", action="store_true", help="keep checkpoints and artifacts")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="export even where the up-front estimate exceeds the available memory (to measure the real peak)")
     args = p.parse_args(argv)
     for r in args.recipes:
         load_recipe(r)  # unknown names fail before any work
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
         for target, kv in jobs:
             out = args.cache / "artifacts" / recipe / (kv or "recipe-kv")
             row = {"recipe": recipe, "target": target, "params": _params(recipe, args.n_layers), "kv_asked": kv or "",
-                   **export(recipe, target, ck, out, args.max_seq_len, kv, args.n_layers)}
+                   **export(recipe, target, ck, out, args.max_seq_len, kv, args.n_layers, args.skip_memory_check)}
             log(f"{recipe} -> {target}{f' (kv {kv})' if kv else ''}: {row.get('export_s')}s, "
                 f"peak {row.get('export_peak_rss_gib')} GiB, {row.get('artifact_gb', row.get('error'))} GB")
             if target in RUNNABLE and "artifact" in row:

@@ -168,8 +168,8 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
 
 # The estimate of an export's peak: ~0.6 GB of libraries, each target's measured resident bytes
 # per parameter (``Target.bytes_per_parameter``, from 7B runs: see the README's scale section),
-# the fp32 temporaries of quantizing the largest tensor (~8 bytes per element), and, for targets
-# whose program holds the KV cache (``Target.holds_cache``), the fp32 cache itself.
+# and the fp32 temporaries of quantizing the largest tensor (~8 bytes per element). No target's
+# KV cache is resident while exporting (each traces it from calloc'd zeros it never writes).
 EXPORT_BASE_BYTES = 600 << 20
 TRANSIENT_BYTES_PER_ELEMENT = 8
 
@@ -187,7 +187,7 @@ class MemoryRefused(EdgeLLMError):
 def estimated_peak_bytes(cfg, target: Target) -> int:
     largest = max(cfg.vocab_size * cfg.dim, cfg.dim * cfg.hidden_dim, cfg.n_heads * cfg.head_dim * cfg.dim)
     return int(EXPORT_BASE_BYTES + target.bytes_per_parameter * cfg.num_parameters()
-               + TRANSIENT_BYTES_PER_ELEMENT * largest + (cfg.kv_cache_bytes() if target.holds_cache else 0))
+               + TRANSIENT_BYTES_PER_ELEMENT * largest)
 
 
 def estimated_artifact_bytes(loaded: LoadedModel, quantized: bool = True) -> int:
@@ -217,15 +217,9 @@ def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | Non
     fits = max(0, (available - (one - per_layer)) // per_layer)
     hint = (f"--n-layers {min(fits, cfg.n_layers - 1)} would fit (a depth-truncated dry run)" if fits >= 1
             else "no depth of this width fits")
-    cache = ""
-    if worst.holds_cache:  # shrunk by a shorter cache, or by the smallest dtype the target carries
-        smallest = min(worst.default_flavour.kv_dtypes, key=cfg.kv_cache_bytes)
-        dtype = f" or --kv-dtype {smallest}" if cfg.kv_cache_bytes(smallest) < cfg.kv_cache_bytes() else ""
-        cache = (f" plus its {cfg.kv_cache.dtype} KV cache of {cfg.kv_cache_bytes() / 2**30:.1f} GiB, which "
-                 f"--max-seq-len{dtype} shrinks")
     raise MemoryRefused(
         f"{loaded.recipe.name}: exporting {cfg.num_parameters() / 1e9:.2f}B parameters to {worst.name} needs an "
-        f"estimated {need / 2**30:.1f} GiB ({worst.bytes_per_parameter:g} bytes/parameter{cache}) but "
+        f"estimated {need / 2**30:.1f} GiB ({worst.bytes_per_parameter:g} bytes/parameter) but "
         f"{available / 2**30:.1f} GiB is available; {hint}, or pass --skip-memory-check to try anyway")
 
 

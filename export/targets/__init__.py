@@ -46,7 +46,6 @@ class Target(ABC):
     # measured peak export memory per parameter (above the libraries and the largest tensor's
     # quantization temporaries), for the up-front check (``export.pipeline.estimated_peak_bytes``)
     bytes_per_parameter: ClassVar[float] = 12.0
-    holds_cache: ClassVar[bool] = False  # the program carries its KV cache (counted in the estimate)
     relative_cost: ClassVar[float] = 1.0  # export time relative to the others: the longest starts first
     # the weight precisions its lowering carries (``QuantConfig``: linears, embedding, head, overrides)
     precisions: ClassVar[frozenset[str]] = frozenset({"int4", "float"})

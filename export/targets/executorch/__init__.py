@@ -19,7 +19,6 @@ class ExecuTorch(Target):
     # and the largest tensor's temporaries; README scale section).
     bytes_per_parameter = 1.1
     relative_cost = 2.8  # measured on SmolLM2: 183 s vs ONNX 65 s, Core ML 104 s
-    holds_cache = False
     # int4: 8da4w linears (XNNPACK qd8-f32-qb4w), embedding_4bit; int8: 8da8w linears
     # (qd8-f32-qc8w, one scale per row), embedding_byte; float: fp32
     precisions = frozenset({"int4", "int8", "float"})
