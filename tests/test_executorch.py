@@ -576,6 +576,33 @@ def test_planned_memory_is_one_prefill_chunk_not_the_capacity(export_artifact, f
     assert stats.max_rel <= 1e-4 and be.pos == len(prompt)
 
 
+@pytest.mark.parametrize("flavour", ["portable", "fast"])
+def test_the_cache_is_planned_once(flavour):
+    """The cache is written in place and returned as a buffer mutation; executorch 1.5.1 planned
+    those outputs as tensors of their own, a second whole cache in the arena the runtime allocates
+    and zero-fills at load (2.0 GB of the 7B .pte's run RSS at 2048 slots; ``memory_plan.py``).
+    Eight layers, a small vocabulary: the cache dominates what is planned."""
+    from export import targets
+    from export.pipeline import ExportJob
+    from export.targets.executorch import lowering
+
+    hf = {"model_type": "llama", "vocab_size": 512, "hidden_size": 256, "num_hidden_layers": 8,
+          "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 256,
+          "max_position_embeddings": 1024}
+    loaded = model_from_hf_config(hf, max_seq_len=1024)
+    job = ExportJob(loaded, None, "/nonexistent", targets.get("executorch"), flavour, progress=lambda s: None)
+    ep, _, _ = lowering.exported_program(job)
+    et, _ = lowering.lower_program(ep, lowering.constant_methods(job), job.flavour.options["partitioners"])
+    planned = sum(et.executorch_program.execution_plan[0].non_const_buffer_sizes)
+    cfg = loaded.config
+    cache, per_layer = cfg.kv_cache_bytes(), cfg.kv_cache_bytes() // cfg.n_layers
+    chunk = lowering.prefill_chunk(cfg)
+    print(f"{flavour}: planned {planned} bytes, cache {cache}, one layer's cache {per_layer}")
+    # the cache, the filled slots attention copies of one layer's k and v, and a chunk's
+    # activations: scores and mask rows over the capacity, logits
+    assert planned <= cache + 2 * per_layer + 4 * chunk * cfg.max_seq_len * 4 + 3 * chunk * cfg.vocab_size * 4
+
+
 @functools.cache
 def _long_tiny():
     """The tiny model with a cache of 1024 slots: longer than one prefill chunk."""

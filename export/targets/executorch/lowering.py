@@ -217,7 +217,8 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCode
     (``filled_length.py``)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.dialects._ops import ops
-    from executorch.exir.passes import MemoryPlanningPass
+
+    from export.targets.executorch.memory_plan import CachePlannedOnce
 
     status("executorch: lower: edge dialect and XNNPACK partitioning")
     if lazy is not None:
@@ -236,7 +237,7 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCode
     et = edge.to_executorch(ExecutorchBackendConfig(
         passes=[], do_quant_fusion_and_const_prop=True,  # torchao dequantize_affine+embedding -> embedding_4bit
         run_reinplace_pass=True, reinplace_extra_ops=frozenset({ops.edge.aten.index_copy.default}),
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=True, alloc_graph_output=True)))
+        memory_planning_pass=CachePlannedOnce(alloc_graph_input=True, alloc_graph_output=True)))
     return et, delegation_census(et.exported_program())
 
 
