@@ -167,11 +167,11 @@ def quantize_for(loaded: LoadedModel, scheme: str | None = None, progress=print)
 
 
 # The estimate of an export's peak: ~0.6 GB of libraries, each target's measured resident bytes
-# per parameter (``Target.bytes_per_parameter``, from 7B runs: see the README's scale section),
-# and the fp32 temporaries of quantizing the largest tensor (~8 bytes per element). No target's
-# KV cache is resident while exporting (each traces it from calloc'd zeros it never writes).
+# per parameter (``Target.bytes_per_parameter``, from 7B and 13B runs: see the README's scale
+# section), the temporaries of quantizing and writing the largest tensor
+# (``Target.transient_bytes_per_element``) and the KV cache where the program holds it as its
+# state (``Target.resident_cache_bytes``: Core ML; the others trace calloc'd zeros they never write).
 EXPORT_BASE_BYTES = 600 << 20
-TRANSIENT_BYTES_PER_ELEMENT = 8
 
 
 def kv_suffix(spec) -> str:
@@ -187,7 +187,7 @@ class MemoryRefused(EdgeLLMError):
 def estimated_peak_bytes(cfg, target: Target) -> int:
     largest = max(cfg.vocab_size * cfg.dim, cfg.dim * cfg.hidden_dim, cfg.n_heads * cfg.head_dim * cfg.dim)
     return int(EXPORT_BASE_BYTES + target.bytes_per_parameter * cfg.num_parameters()
-               + TRANSIENT_BYTES_PER_ELEMENT * largest)
+               + target.transient_bytes_per_element * largest + target.resident_cache_bytes(cfg))
 
 
 def estimated_artifact_bytes(loaded: LoadedModel, quantized: bool = True) -> int:
@@ -217,9 +217,11 @@ def check_memory(loaded: LoadedModel, chosen: list[Target], available: int | Non
     fits = max(0, (available - (one - per_layer)) // per_layer)
     hint = (f"--n-layers {min(fits, cfg.n_layers - 1)} would fit (a depth-truncated dry run)" if fits >= 1
             else "no depth of this width fits")
+    held = worst.resident_cache_bytes(cfg)
+    cache = f" plus its KV cache state of {held / 2**30:.1f} GiB, which --max-seq-len shrinks" if held else ""
     raise MemoryRefused(
         f"{loaded.recipe.name}: exporting {cfg.num_parameters() / 1e9:.2f}B parameters to {worst.name} needs an "
-        f"estimated {need / 2**30:.1f} GiB ({worst.bytes_per_parameter:g} bytes/parameter) but "
+        f"estimated {need / 2**30:.1f} GiB ({worst.bytes_per_parameter:g} bytes/parameter{cache}) but "
         f"{available / 2**30:.1f} GiB is available; {hint}, or pass --skip-memory-check to try anyway")
 
 

@@ -46,9 +46,15 @@ class Target(ABC):
     # measured peak export memory per parameter (above the libraries and the largest tensor's
     # quantization temporaries), for the up-front check (``export.pipeline.estimated_peak_bytes``)
     bytes_per_parameter: ClassVar[float] = 12.0
+    # bytes per element of the largest tensor held beside that while quantizing and writing it
+    transient_bytes_per_element: ClassVar[float] = 8.0
     relative_cost: ClassVar[float] = 1.0  # export time relative to the others: the longest starts first
     # the weight precisions its lowering carries (``QuantConfig``: linears, embedding, head, overrides)
     precisions: ClassVar[frozenset[str]] = frozenset({"int4", "float"})
+
+    def resident_cache_bytes(self, cfg) -> int:
+        """Bytes of the KV cache resident while exporting (none unless the program's own state)."""
+        return 0
 
     @property
     def default_flavour(self) -> Flavour:
