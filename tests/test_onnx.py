@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from helpers import model_from_hf_config
 
+from edgellm.artifact import read_manifest
 from runtime.backend import CacheOverflowError
 from runtime.backends.eager import EagerBackend
 from runtime.parity import all_logits, compare_logits, greedy_prefix, noise_floor, perplexity, teacher_forced
@@ -89,6 +90,23 @@ def test_int4_exact_dequant_matches_reference(export_artifact, tiny, tiny_quant,
     cand = _onnx(art, accuracy_level=0)
     ref = EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant)
     st = teacher_forced(cand, ref, _ids(tiny.config.vocab_size, 100, seed=1), 7)
+    assert st.max_rel <= INT4_EXACT_REL, f"max |Δlogit|/max|logit| = {st.max_rel:.2e}"
+
+
+def test_external_weights_load_at_another_accuracy_level(tiny, tiny_quant, tmp_path, monkeypatch):
+    """A 7B .onnx keeps its weights in model.onnx.data. Another accuracy level rewrites the graph
+    in memory, which must still find them in the artifact's directory (ONNX Runtime 1.31 refuses
+    a symlink that resolves out of the model's directory: every 7B artifact failed to load so)."""
+    from export.pipeline import run_export
+    from export.targets.onnx import lowering
+
+    monkeypatch.setattr(lowering, "EXTERNAL_DATA_ABOVE", 0)
+    art = run_export("onnx", loaded=tiny, quantization=tiny_quant, out=tmp_path, jobs=1,
+                     progress=lambda *a: None)["onnx"]
+    assert read_manifest(art)["onnx"]["external_data"] and (art / "model.onnx.data").is_file()
+    cand = _onnx(art, accuracy_level=0)
+    ref = EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant)
+    st = teacher_forced(cand, ref, _ids(tiny.config.vocab_size, 40, seed=1), 7)
     assert st.max_rel <= INT4_EXACT_REL, f"max |Δlogit|/max|logit| = {st.max_rel:.2e}"
 
 

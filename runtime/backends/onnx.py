@@ -13,7 +13,6 @@ memory before the session is created (the weights themselves are untouched).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,12 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
 def _session_source(model_path: Path, manifest: dict[str, Any], accuracy_level: int | None):
-    """The model for InferenceSession: the file as is, or (another accuracy level) a rewritten copy.
-
-    Returns (path-or-bytes, keepalive) -- keepalive holds a temp directory while the session lives.
-    """
+    """The model for InferenceSession: the file as is, or (another accuracy level) a rewritten copy
+    in memory. Returns (path-or-bytes, session config entries): a rewritten graph with external
+    weights finds them in the artifact's directory (ONNX Runtime refuses a symlink to them)."""
     stored = manifest.get("onnx", {}).get("matmulnbits_accuracy_level")
     if accuracy_level is None or stored is None or accuracy_level == stored:
-        return str(model_path), None
+        return str(model_path), {}
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS} (0/1 exact dequantized float, 4 int8 "
                          f"activations), got {accuracy_level!r}")
@@ -45,15 +43,8 @@ def _session_source(model_path: Path, manifest: dict[str, Any], accuracy_level: 
                 if attr.name == "accuracy_level":
                     attr.i = int(accuracy_level)
     data = manifest.get("onnx", {}).get("external_data")
-    if not data:
-        return model.SerializeToString(), None
-    # External weights are found relative to the model file: a rewritten graph in a temp dir
-    # next to a symlink of the (unchanged) weight file.
-    tmp = tempfile.TemporaryDirectory(prefix="edgellm-onnx-")
-    (Path(tmp.name) / data).symlink_to((model_path.parent / data).resolve())
-    out = Path(tmp.name) / model_path.name
-    onnx.save(model, str(out))
-    return str(out), tmp
+    folder = {"session.model_external_initializers_file_folder_path": str(model_path.parent.resolve())}
+    return model.SerializeToString(), folder if data else {}
 
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
@@ -78,7 +69,9 @@ class OnnxBackend(Backend):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        src, self._keepalive = _session_source(model_path, manifest, accuracy_level)
+        src, entries = _session_source(model_path, manifest, accuracy_level)
+        for key, value in entries.items():
+            so.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         self.tokenizer = tokenizer
         self.max_seq_len = int(manifest["max_seq_len"])
