@@ -8,11 +8,14 @@ decodes (load time, runtime peak RSS, decode tok/s) beside the bandwidth bound: 
 read once per token at the machine's read bandwidth, measured in the same run. With several
 ``--kv-dtypes`` each runnable target is exported and run once per KV cache dtype (the dtype is
 baked into the graph), so the runtime RSS of each cache precision stands next to its cache bytes.
+``--parity STEPS`` checks each runnable artifact against the eager int4 reference it came from
+(``python -m runtime parity``; at 7B a streamed reference), with its wall time and peak RSS.
 
     python bench/scale.py [--recipes xgen-7b-8k-base ...] [--targets executorch onnx coreml]
                           [--max-seq-len 2048] [--kv-dtypes fp32 int8] [--n-layers N]
                           [--threads 1 2] [--prompt-tokens 16] [--cache out/scale]
                           [--json FILE] [--markdown FILE] [--keep] [--skip-memory-check]
+                          [--parity STEPS]
 
 Checkpoints and artifacts are deleted after each recipe unless ``--keep`` (a 13B folder is 26 GB).
 Random weights decode at the speed of real ones (the work per token does not depend on values).
@@ -107,6 +110,22 @@ def run(artifact: str, threads: int, runs: int, prompt: int) -> dict:
     return {"load_s": r["load_s"], "decode_tok_s": round(r["decode_tok_s"], 2), "runtime_peak_rss_gib": round(peak / 1024, 2)}
 
 
+def parity(artifact: str, steps: int) -> dict:
+    """``python -m runtime parity`` of one artifact against the eager int4 reference it came from
+    (at 7B a streamed one: each weight dequantized as it is read), in its own process: the
+    agreement figures, its wall time and peak RSS."""
+    out = Path(artifact).parent / f".parity-{Path(artifact).name}.json"
+    p, wall, peak = run_measured(["-m", "runtime", "parity", artifact, "--steps", str(steps), "--no-text",
+                                  "--jobs", "1", "--json", str(out)])
+    if not out.exists():
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    row = json.loads(out.read_text())["rows"][0]
+    out.unlink()
+    return {"passed": p.returncode == 0, "steps": row["steps"], "top1": round(row["top1"], 3),
+            "mean_kl": row["mean_kl"], "max_rel": round(row["max_rel"], 4), "floor_top1": row.get("floor_top1"),
+            "floor_kl": row.get("floor_kl"), "seconds": round(wall, 1), "peak_rss_gib": round(peak / 1024, 2)}
+
+
 def markdown(report: dict) -> str:
     bw = report["bandwidth_gbs"]
     head = ["recipe", "target", "params B", "KV cache", "export s", "export peak GiB", "artifact GB", "B/param"]
@@ -124,6 +143,16 @@ def markdown(report: dict) -> str:
             cells += [str(m.get("load_s", "")), str(m.get("runtime_peak_rss_gib", "")), str(m.get("decode_tok_s", m.get("error", ""))),
                       f"{bound:.1f}" if bound else "", f"{100 * m['decode_tok_s'] / bound:.0f} %" if bound else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    checked = [r for r in report["rows"] if "parity" in r]
+    if checked:
+        lines += ["", "| recipe | target | parity | top-1 (floor) | mean KL (floor) | max rel | s | peak RSS GiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in checked:
+            q = r["parity"]
+            lines.append(f"| {r['recipe']} | {r['target']} | " + (
+                f"{'passed' if q['passed'] else 'FAILED'} | {q['top1']:.1%} ({q['floor_top1']:.1%}) | "
+                f"{q['mean_kl']:.2e} ({q['floor_kl']:.2e}) | {q['max_rel']} | {q['seconds']} | {q['peak_rss_gib']} |"
+                if "error" not in q else f"{q['error']} | | | | | |"))
     lines.append("")
     lines.append(f"KV cache capacity {report['max_seq_len']} slots; runs decode {DECODE} tokens after a "
                  f"{report.get('prompt_tokens', 16)}-token prompt"
@@ -150,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument("--keep", action="store_true", help="keep checkpoints and artifacts")
+    p.add_argument("--parity", type=int, metavar="STEPS", default=0,
+                   help="also run python -m runtime parity on each .pte/.onnx (STEPS greedy steps a prompt)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="export even where the up-front estimate exceeds the available memory (to measure the real peak)")
     args = p.parse_args(argv)
@@ -183,6 +214,9 @@ def main(argv=None) -> int:
                 for t in args.threads:
                     row["runtime"][str(t)] = run(row["artifact"], t, args.runs, args.prompt_tokens)
                     log(f"  {t} thread(s): {row['runtime'][str(t)]}")
+                if args.parity:
+                    row["parity"] = parity(row["artifact"], args.parity)
+                    log(f"  parity: {row['parity']}")
             report["rows"].append(row)
             json_path.write_text(json.dumps(report, indent=2))
             md_path.write_text(markdown(report) + "\n")
