@@ -40,6 +40,7 @@ from export.targets.executorch.filled_length import xnnpack_takes_filled_lengths
 from export.targets.executorch.lazy_codes import LazyCodes, check_codes, constants_shared_with_preprocess
 from export.targets.executorch.lean_edge import lean_edge
 from export.targets.executorch.lean_lowering import lean_lowering, supported
+from export.targets.executorch.memory_plan import cache_planned_once
 from export.transforms import Transform
 
 PTE_FILE = "model.pte"
@@ -218,8 +219,6 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCode
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.dialects._ops import ops
 
-    from export.targets.executorch.memory_plan import CachePlannedOnce
-
     status("executorch: lower: edge dialect and XNNPACK partitioning")
     if lazy is not None:
         lazy.on_packed = lambda n, total: status(f"executorch: lower: XNNPACK packed {n}/{total} quantized weights")
@@ -237,7 +236,7 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCode
     et = edge.to_executorch(ExecutorchBackendConfig(
         passes=[], do_quant_fusion_and_const_prop=True,  # torchao dequantize_affine+embedding -> embedding_4bit
         run_reinplace_pass=True, reinplace_extra_ops=frozenset({ops.edge.aten.index_copy.default}),
-        memory_planning_pass=CachePlannedOnce(alloc_graph_input=True, alloc_graph_output=True)))
+        memory_planning_pass=cache_planned_once(alloc_graph_input=True, alloc_graph_output=True)))
     return et, delegation_census(et.exported_program())
 
 
