@@ -89,6 +89,7 @@ def write_checkpoint(recipe: str, out: str | Path, *, seed: int = 0, n_layers: i
         from safetensors.torch import save_file
 
         from edgellm.tokenizer import runner_json
+        from edgellm.tokenizer.builders import build_from_hf_json
         from edgellm.weights import random_tensor
 
         weight_map, total = {}, 0
@@ -108,9 +109,11 @@ def write_checkpoint(recipe: str, out: str | Path, *, seed: int = 0, n_layers: i
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         tok = _tokenizer(rec, cfg, progress)
         tok.save(tmp)
-        try:
-            runner_json.write(tok, tmp)  # tokenizer.json (HF format), where the ranks are expressible as merges
+        try:  # tokenizer.json (HF format), where the ranks are expressible as merges and read back
+            runner_json.write(tok, tmp)
+            build_from_hf_json(tmp / "tokenizer.json")
         except ValueError as e:  # XGen's published tokenizer is tiktoken code, not a tokenizer.json either
+            (tmp / "tokenizer.json").unlink(missing_ok=True)
             progress(f"no tokenizer.json ({e}); the tiktoken files carry the tokenizer")
         os.replace(tmp, out)
     finally:

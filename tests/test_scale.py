@@ -212,6 +212,18 @@ def xgen_two_layers(tmp_path_factory):
                             progress=lambda m: None)
 
 
+def test_xgen_folder_reads_its_own_tokenizer_without_a_recipe(xgen_two_layers):
+    """XGen's ranks (tiktoken GPT-2 plus added whitespace tokens) are not expressible as HF merges:
+    the folder carries the tiktoken files and no tokenizer.json that its reader would refuse
+    ("produced by merges #50000 and #50001"), and loading the folder alone finds them."""
+    from edgellm.tokenizer import load_tokenizer
+
+    assert not (xgen_two_layers / "tokenizer.json").exists()
+    text = "def f(x):\n        return x  # eight spaces, then two"
+    tok = resolve_model(checkpoint=xgen_two_layers).tokenizer()
+    assert tok.encode(text) == load_tokenizer("xgen-7b-8k-base").encode(text)
+
+
 # Peak RSS allowed per parameter above the libraries, per target, from the streamed path's
 # measured peaks at this size (see the README's scale section); whole-model fp32 alone is 4.
 # ExecuTorch: 2.51 GiB measured (2.0 here allows 3.04); it was 4.1 GiB while the program held

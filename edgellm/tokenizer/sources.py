@@ -59,6 +59,8 @@ def tokenizer_from_source(src: dict[str, Any]) -> Tokenizer:
             raise ValueError("tokenizer source hf needs 'path' (a checkpoint folder or tokenizer.json); "
                              "pass the checkpoint folder instead of the recipe")
         path = Path(src["path"]).expanduser()
+        if path.is_dir() and not (path / "tokenizer.json").exists() and (path / RANKS_FILE).exists():
+            return Tokenizer.load(path)  # ranks no tokenizer.json can express (make_checkpoint's XGen)
         path = path / "tokenizer.json" if path.is_dir() else path
         if not path.is_file():
             raise EdgeLLMError(f"{path} does not exist: the checkpoint has no tokenizer.json; add it to the folder "
