@@ -18,8 +18,8 @@ of a tied embedding is the same tensor as a per-channel scale of its head.
 Every scale lies on the grid shared by bf16 and fp16 (8 significant bits, fp16's normal range;
 stored as fp32): XNNPACK stores blockwise scales as bf16 and Core ML as fp16, so with this grid
 every target carries bit-identical scales (an fp16-only scale would be rounded a second time by
-ExecuTorch's lowering, ~0.2 % per group, which alone cost 9 points of top-1 agreement), and ``QuantizedWeight.dequantize`` is torchao's
-``dequantize_affine`` — the reference weights every target is compared against.
+ExecuTorch's lowering, ~0.2 % per group, which alone cost 9 points of top-1 agreement), and ``QuantizedWeight.dequantize`` equals torchao's
+``dequantize_affine`` bit for bit — the reference weights every target is compared against.
 
 Scale choice (``method``: ``scale-search``, the default; ``rtn`` is the plain max-abs scale;
 ``hqq`` and the calibrated ``gptq`` are in ``edgellm.quant_methods``): per group, a grid of candidate scales
@@ -51,7 +51,6 @@ from torch import nn
 from torchao.quantization.quant_primitives import (
     MappingType,
     choose_qparams_affine,
-    dequantize_affine,
     quantize_affine,
 )
 
@@ -154,10 +153,28 @@ class QuantizedWeight:
         return self._shape
 
     def dequantize(self) -> torch.Tensor:
-        """float32 [rows, cols] = torchao ``dequantize_affine(codes, (1, g), scales, zero_points)``."""
-        qmin, qmax = self.quant_range
-        return dequantize_affine(self.codes, self.block_size, self.scales, self.zero_points, torch.int8,
-                                 qmin, qmax, output_dtype=torch.float32)
+        """float32 [rows, cols], bit for bit torchao ``dequantize_affine(codes, (1, g), scales,
+        zero_points)`` (the tests hold it to that), computed from the packed nibbles in row chunks:
+        2-3× faster, which a streamed 7B reference pays on every weight of every step."""
+        if self.packed is None:
+            raise RuntimeError("this quantized weight was released by its last consumer (QuantizedWeight.release)")
+        rows, cols = self._shape
+        g = self.group_size
+        out = torch.empty(rows, cols, dtype=torch.float32)
+        groups = out.view(rows, cols // g, g)
+        step = max(1, _CHUNK_ELEMS // cols)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            packed, dst = self.packed[r0:r1], out[r0:r1]
+            if self.bits == 8:
+                dst.copy_(packed)
+            else:
+                dst[:, 0::2] = packed & 0xF
+                dst[:, 1::2] = packed >> 4
+                zero = 8.0 if self.zero_points is None else self.zero_points[r0:r1].to(torch.float32).unsqueeze(-1)
+                groups[r0:r1] -= zero
+            groups[r0:r1] *= self.scales[r0:r1].unsqueeze(-1)
+        return out
 
     def release(self) -> None:
         """Drop codes and scales: an export's last target frees each weight once it holds its own
