@@ -126,6 +126,19 @@ def test_int4_acc4_matches_the_block_int8_reference(export_artifact, tiny, tiny_
     assert _onnx(export_artifact("onnx", "tiny", "int4"), accuracy_level=0).activation_scheme is None
 
 
+def test_loading_is_quiet_unless_verbose(export_artifact, capfd, monkeypatch):
+    """ONNX Runtime warns on stderr at session creation (``logits_from`` is an overridable
+    initializer by design): a Python user of ``runtime.load`` sees nothing, EDGELLM_VERBOSE shows it."""
+    art = export_artifact("onnx", "tiny", "int4")
+    monkeypatch.delenv("EDGELLM_VERBOSE", raising=False)
+    capfd.readouterr()
+    _onnx(art)
+    assert capfd.readouterr().err == ""
+    monkeypatch.setenv("EDGELLM_VERBOSE", "1")
+    _onnx(art)
+    assert "logits_from" in capfd.readouterr().err
+
+
 def _assert_codes_equal(art, quant):
     from export.targets.onnx.lowering import read_int4
 

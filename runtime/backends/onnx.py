@@ -13,6 +13,7 @@ memory before the session is created (the weights themselves are untouched).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ class OnnxBackend(Backend):
             raise ValueError(f"{model_path.parent}: manifest has no 'onnx' section (inputs, cache_shape); "
                              f"re-export it with python -m export --target onnx")
         so = ort.SessionOptions()
+        if not os.environ.get("EDGELLM_VERBOSE"):  # its warnings (e.g. the overridable ``logits_from``) are ours to judge
+            so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
