@@ -115,6 +115,23 @@ def test_noise_floor_of_a_float_reference_is_float_rounding(tiny_eager):
     assert np.abs(moved - plain).max() > 1e-4 and np.array_equal(tiny_eager.prefill(ids[:4]), plain)
 
 
+@pytest.mark.parametrize("top1, floor, passes", [
+    (23 / 24, 1.0, True),     # one flipped near-tie against a perfect floor sample
+    (0.917, 0.927, True),     # SmolLM2's .pte against its floor (README)
+    (0.85, 1.0, False),       # well below the floor
+    (0.80, 0.927, False),
+    (0.98, None, False),      # no activation arithmetic: the default 99 %
+    (0.995, None, True),
+])
+def test_parity_bounds_apply_the_floor_margin_whatever_the_floor(top1, floor, passes):
+    from runtime.parity.bounds import problems
+    from runtime.parity.harness import ParityRow
+
+    row = ParityRow("cand", 24, 0.1, 0.01, top1, 1e-5, 20, 24, floor_top1=floor,
+                    floor_kl=None if floor is None else 1e-5)
+    assert (problems(row) == []) is passes, problems(row)
+
+
 def test_run_measured_reports_the_childs_own_peak_rss():
     """A child's peak RSS is its own (VmHWM), not the pages of the parent it was forked from."""
     from runtime.bench import run_measured

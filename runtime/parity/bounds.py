@@ -19,8 +19,9 @@ def bounds_for(row, manifest: dict[str, Any] | None) -> dict[str, float]:
     if manifest and manifest.get("parity_bounds"):
         bounds.update(manifest["parity_bounds"])
     if row.floor_top1 is not None:  # activation-quantized: judged against the reference's own floor
-        if row.floor_top1 < bounds["top1"]:
-            bounds["top1"] = row.floor_top1 - FLOOR_TOP1_MARGIN
+        # The floor is one perturbed sample of a few dozen steps: a 100 % floor does not make one
+        # flipped near-tie in 24 steps (95.8 %) a failure, so the margin applies whatever it is.
+        bounds["top1"] = min(bounds["top1"], row.floor_top1 - FLOOR_TOP1_MARGIN)
         bounds["mean_kl"] = max(bounds["mean_kl"], FLOOR_KL_FACTOR * row.floor_kl)
     return bounds
 
