@@ -344,7 +344,7 @@ def _check_divisible(name: str, cols: int, group_size: int):
         near = min(divisors, key=lambda d: (abs(d - group_size), -d)) if divisors else None
         hint = f"; use a group size that divides {cols}, e.g. {near}" if near else ""
         raise ValueError(f"cannot quantize {name}: its in-features ({cols}) are not divisible by the "
-                         f"quantization group size {group_size}{hint} (set quantization.group_size in the recipe)")
+                         f"quantization group size {group_size}{hint} (quantization.group_size in a recipe YAML given with --recipe)")
 
 
 @torch.no_grad()
