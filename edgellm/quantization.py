@@ -18,8 +18,8 @@ of a tied embedding is the same tensor as a per-channel scale of its head.
 Every scale lies on the grid shared by bf16 and fp16 (8 significant bits, fp16's normal range;
 stored as fp32): XNNPACK stores blockwise scales as bf16 and Core ML as fp16, so with this grid
 every target carries bit-identical scales (an fp16-only scale would be rounded a second time by
-ExecuTorch's lowering, ~0.2 % per group, which alone cost 9 points of top-1 agreement), and ``QuantizedWeight.dequantize`` equals torchao's
-``dequantize_affine`` bit for bit — the reference weights every target is compared against.
+ExecuTorch's lowering, ~0.2 % per group, which alone cost 9 points of top-1 agreement), and
+``QuantizedWeight.dequantize`` equals torchao's ``dequantize_affine`` bit for bit — the reference weights every target is compared against.
 
 Scale choice (``method``: ``scale-search``, the default; ``rtn`` is the plain max-abs scale;
 ``hqq`` and the calibrated ``gptq`` are in ``edgellm.quant_methods``): per group, a grid of candidate scales
@@ -344,7 +344,8 @@ def _check_divisible(name: str, cols: int, group_size: int):
         near = min(divisors, key=lambda d: (abs(d - group_size), -d)) if divisors else None
         hint = f"; use a group size that divides {cols}, e.g. {near}" if near else ""
         raise ValueError(f"cannot quantize {name}: its in-features ({cols}) are not divisible by the "
-                         f"quantization group size {group_size}{hint} (quantization.group_size in a recipe YAML given with --recipe)")
+                         f"quantization group size {group_size}{hint} "
+                         f"(quantization.group_size in a recipe YAML given with --recipe)")
 
 
 @torch.no_grad()

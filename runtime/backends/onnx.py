@@ -65,7 +65,7 @@ class OnnxBackend(Backend):
             raise ValueError(f"{model_path.parent}: manifest has no 'onnx' section (inputs, cache_shape); "
                              f"re-export it with python -m export --target onnx")
         so = ort.SessionOptions()
-        if not os.environ.get("EDGELLM_VERBOSE"):  # its warnings (e.g. the overridable ``logits_from``) are ours to judge
+        if not os.environ.get("EDGELLM_VERBOSE"):  # its warnings (the overridable ``logits_from``) are ours to judge
             so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = int(threads)
