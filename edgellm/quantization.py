@@ -19,7 +19,8 @@ Every scale lies on the grid shared by bf16 and fp16 (8 significant bits, fp16's
 stored as fp32): XNNPACK stores blockwise scales as bf16 and Core ML as fp16, so with this grid
 every target carries bit-identical scales (an fp16-only scale would be rounded a second time by
 ExecuTorch's lowering, ~0.2 % per group, which alone cost 9 points of top-1 agreement), and
-``QuantizedWeight.dequantize`` equals torchao's ``dequantize_affine`` bit for bit — the reference weights every target is compared against.
+``QuantizedWeight.dequantize`` equals torchao's ``dequantize_affine`` bit for bit — the
+reference weights every target is compared against.
 
 Scale choice (``method``: ``scale-search``, the default; ``rtn`` is the plain max-abs scale;
 ``hqq`` and the calibrated ``gptq`` are in ``edgellm.quant_methods``): per group, a grid of candidate scales
