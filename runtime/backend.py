@@ -42,6 +42,9 @@ class Capabilities:
     perturbation: bool = False  # can run perturbed (``perturbed(eps)``): measures parity's noise floor
     full_sequence: bool = True  # one call returns the logits of every position it was given
     threads: bool = False  # honours BackendOptions.threads
+    # Every call costs the whole model whatever its length (a streamed reference dequantizes
+    # each weight per call): parity measures its noise floor in one teacher-forced pass.
+    whole_model_per_call: bool = False
 
 
 @dataclass(frozen=True)

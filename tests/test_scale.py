@@ -273,3 +273,28 @@ def test_streamed_int4_reference_equals_the_materialized_one(tiny, tiny_quant, m
     assert held < tiny.config.num_parameters() // 50  # norms only: no quantized weight is stored
     assert np.array_equal(whole.prefill(ids), streamed.prefill(ids))
     assert np.array_equal(whole.decode(42), streamed.decode(42))
+
+
+def test_streamed_reference_measures_its_noise_floor_in_one_pass(tiny, tiny_quant, monkeypatch):
+    """Each call of a streamed reference dequantizes every weight (a 7B step is ~20 s), so its
+    perturbed floor pass is one teacher-forced call a prompt; a materialized one still steps.
+    Random weights: the floor stays rounding-sized either way."""
+    from runtime.backends import eager
+    from runtime.parity import all_logits, noise_floor
+
+    ids, plen = [1, 5, 9, 200, 3, 77, 12, 400, 8, 31, 64, 2], 4
+    monkeypatch.setattr(eager, "STREAM_FP32_ABOVE", 0)
+    streamed = eager.EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant, activations=True)
+    monkeypatch.undo()
+    whole = eager.EagerBackend.from_loaded(tiny, int4=True, quantization=tiny_quant, activations=True)
+    assert streamed.capabilities.whole_model_per_call and not whole.capabilities.whole_model_per_call
+    for backend, calls_wanted in ((streamed, 1), (whole, len(ids) - plen)):
+        ref = all_logits(backend, ids, plen)
+        calls = []
+        forward = backend._forward
+        monkeypatch.setattr(backend, "_forward", lambda chunk, start: calls.append(len(chunk)) or forward(chunk, start))
+        floor = noise_floor(backend, ids, plen, ref)
+        monkeypatch.undo()
+        assert len(calls) == calls_wanted, calls
+        assert len(floor.rel) == len(ids) - plen
+        assert floor.max_rel < 1e-2 and floor.top1_rate >= 0.75, (floor.max_rel, floor.top1_rate)

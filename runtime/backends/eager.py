@@ -85,6 +85,7 @@ class EagerBackend(Backend):
         self.activation_scheme: str | None = None
         self.quantization: Quantization | None = None
         self.loaded: LoadedModel | None = None
+        self.streamed = False  # int4 weights dequantized on every read (``stream_reference``)
 
     @torch.no_grad()
     def _forward(self, ids: list[int], start: int) -> np.ndarray:
@@ -117,7 +118,8 @@ class EagerBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(activation_scheme=self.activation_scheme, perturbation=True, threads=True)
+        return Capabilities(activation_scheme=self.activation_scheme, perturbation=True, threads=True,
+                            whole_model_per_call=self.streamed)
 
     @classmethod
     def from_artifact(cls, directory, manifest, tokenizer, options):
@@ -129,9 +131,10 @@ class EagerBackend(Backend):
         label = "fp32"
         quant = None
         model = None if int4 else loaded.decoder()
+        streamed = int4 and 4 * loaded.config.num_parameters() > STREAM_FP32_ABOVE
         if int4:
             quant = quantization or quantize_loaded(loaded)
-            if 4 * loaded.config.num_parameters() > STREAM_FP32_ABOVE:  # dequantize each weight as it is read
+            if streamed:  # dequantize each weight as it is read
                 model = stream_reference(loaded.decoder(skip=set(quant.weights)), quant, activations=activations)
             else:
                 model = apply_reference(loaded.decoder(), quant, activations=activations)
@@ -142,6 +145,7 @@ class EagerBackend(Backend):
         backend = cls(model, tokenizer, name=f"eager:{loaded.recipe.name}:{label}", threads=threads)
         backend.quantization = quant  # reusable for a second reference (e.g. other activation arithmetic)
         backend.loaded = loaded  # likewise: its weights are only read
+        backend.streamed = streamed
         backend.activation_scheme = resolve_activation_scheme(activations) if int4 else None
         return backend
 

@@ -92,13 +92,23 @@ def noise_floor(reference: Backend, ids: list[int], prompt_len: int, ref_logits:
 
     With int8 dynamic activations (8da4w, MatMulNBits accuracy_level 4) a trained model is
     chaotic: any implementation that differs by one rounding somewhere ends up this far from
-    the reference, so agreement figures are judged against this floor (see README)."""
-    if not reference.capabilities.perturbation:
+    the reference, so agreement figures are judged against this floor (see README).
+
+    A reference whose every call costs the whole model (a streamed 7B: each step dequantizes
+    every weight) is perturbed in one teacher-forced pass instead of step by step, when the ids
+    fit one call: the batched arithmetic is one more rounding-sized change, which is what the
+    floor measures, and the 7B floor costs one call a prompt instead of one a step."""
+    caps = reference.capabilities
+    if not caps.perturbation:
         return None
     if ref_logits is None:
         ref_logits = all_logits(reference, ids, prompt_len)
     with reference.perturbed(eps):
-        moved = all_logits(reference, ids, prompt_len)
+        reference.reset()
+        if caps.whole_model_per_call and caps.full_sequence and len(ids) - 1 <= reference._chunk_len():
+            moved = reference.forward_all(ids[:-1])[prompt_len - 1:]
+        else:
+            moved = all_logits(reference, ids, prompt_len)
     return compare_logits(moved, ref_logits)
 
 
