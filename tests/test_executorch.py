@@ -364,6 +364,8 @@ def test_lean_edge_writes_the_same_program(tiny, tiny_quant, flavour, monkeypatc
     program leaves the .pte byte-identical, and the skips happen on the pinned executorch."""
     import contextlib
 
+    from torch.export.exported_program import ExportedProgram
+
     from export import targets
     from export.pipeline import ExportJob
     from export.targets.executorch import lean_edge, lowering
@@ -374,13 +376,20 @@ def test_lean_edge_writes_the_same_program(tiny, tiny_quant, flavour, monkeypatc
         ep, _, _ = lowering.exported_program(job)
         return lowering.lower_program(ep, lowering.constant_methods(job), job.flavour.options["partitioners"])[0].buffer
 
-    skipped = []
+    skipped, retraces = [], []
     fixed_point, may_rewrite = lean_edge._fixed_point, lean_edge._may_rewrite
     monkeypatch.setattr(lean_edge, "_fixed_point", lambda *a: skipped.append("decomposition") or True
                         if fixed_point(*a) else False)
     monkeypatch.setattr(lean_edge, "_may_rewrite", lambda *a: may_rewrite(*a) or skipped.append(type(a[0]).__name__))
+    run_decompositions = ExportedProgram.run_decompositions  # what lean_edge's patch calls through to
+    monkeypatch.setattr(ExportedProgram, "run_decompositions",
+                        lambda self, table=None, *a: retraces.append((self, table)) or run_decompositions(self, table, *a))
+    exported = lowering.exported_program
+    monkeypatch.setattr(lowering, "exported_program", lambda *a: (out := exported(*a)) and retraces.append(out[0]) or out)
     lean = pte()
     assert {"decomposition", "NormalizeTransposePass", "SymToTensorPass"} <= set(skipped), skipped
+    traced = [table for ep, table in retraces[1:] if ep is retraces[0]]  # (XNNPACK's pattern graphs have their own)
+    assert len(traced) == 1 and traced[0], "the functionalization is not merged into the decomposition"
     monkeypatch.setattr(lowering, "lean_edge", contextlib.nullcontext)
     assert pte() == lean
 
