@@ -31,11 +31,12 @@ decomposition, so it is a fixed point of it (``aten.sym_size.int``, which tracin
 the one such op on our graphs). Then the program is returned unchanged.
 
 ``_generate_edge_program`` then runs edge passes that each end in a full retrace
-(``ExportPass.call``) and rewrite only inside it (``call_operator``). Three of them have a
+(``ExportPass.call``) and rewrite only inside it (``call_operator``). Four of them have a
 target set that can be read off the graph (``_may_rewrite``): ``NormalizeTransposePass``
-(``aten.t``), ``ReplaceBrokenOpsWithFunctionalOpsPass`` (view ops, all ``*_copy`` by then) and
-``SymToTensorPass`` (a SymInt given to a Tensor argument); with none present, the retrace only
-rebuilds its input and is skipped. Every other pass runs as shipped.
+(``aten.t``), ``ReplaceBrokenOpsWithFunctionalOpsPass`` (view ops, all ``*_copy`` by then),
+``SymToTensorPass`` (a SymInt given to a Tensor argument) and ``RemoveMixedTypeOperators`` (a
+binary op with arguments off the promoted dtype); with none present, the retrace only rebuilds
+its input and is skipped. Every other pass runs as shipped.
 
 The patches (``ExportedProgram.run_decompositions``, ``_ExportPassBase.call``, and
 ``_gen_edge_manager_for_partitioners`` and ``_generate_edge_program`` of
@@ -89,13 +90,45 @@ def _sym_for_tensor(node) -> bool:
     return False
 
 
+def _mixed_types(node) -> bool:
+    """Would ``RemoveMixedTypeOperators`` cast an argument of ``node``? Its ``call_operator``
+    acts on a binary op of its allow list (``add``/``mul``/``sub.Tensor``, ``div.Tensor(_mode)``,
+    ``minimum``): every Tensor argument whose dtype is not the ops' promoted dtype
+    (``elementwise_dtypes`` over all positional arguments) gets an ``_to_copy``. Read off the
+    arguments' ``val``; a symbolic scalar, an argument without one, or a Node in ``kwargs``:
+    yes."""
+    import torch
+    from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND as KIND, elementwise_dtypes
+
+    aten = torch.ops.aten
+    kinds = {aten.add.Tensor: KIND.DEFAULT, aten.mul.Tensor: KIND.DEFAULT, aten.sub.Tensor: KIND.DEFAULT,
+             aten.div.Tensor: KIND.INT_TO_FLOAT, aten.div.Tensor_mode: KIND.DEFAULT, aten.minimum.default: KIND.DEFAULT}
+    if node.target not in kinds or len(node.args) <= 1:
+        return False
+    kind = kinds[node.target]
+    if node.target == aten.div.Tensor_mode and node.kwargs.get("rounding_mode") is None:
+        kind = KIND.INT_TO_FLOAT
+    if any(isinstance(v, torch.fx.Node) for v in node.kwargs.values()):
+        return True
+    values = []
+    for a in node.args:
+        v = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+        if not isinstance(v, (torch.Tensor, bool, int, float)):  # SymInt/SymFloat/SymBool, None, lists: don't guess
+            return True
+        values.append(v)
+    promoted = elementwise_dtypes(*values, type_promotion_kind=kind)[1]
+    return any(isinstance(v, torch.Tensor) and v.dtype != promoted for v in values)
+
+
 def _may_rewrite(p, gm) -> bool:
     """Can edge pass ``p`` (one that rewrites only inside its retrace, in ``call_operator``)
     change ``gm``? ``NormalizeTransposePass`` rewrites only ``aten.t``,
     ``ReplaceBrokenOpsWithFunctionalOpsPass`` only view ops (``is_view``), ``SymToTensorPass``
-    only a SymInt/SymFloat/SymBool given to a Tensor argument; any other pass: yes."""
+    only a SymInt/SymFloat/SymBool given to a Tensor argument, ``RemoveMixedTypeOperators`` only
+    a binary op whose dtypes differ from the promoted one (``_mixed_types``); any other pass: yes."""
     import torch
     from executorch.exir.passes.normalize_transpose_pass import NormalizeTransposePass
+    from executorch.exir.passes.remove_mixed_type_operators import RemoveMixedTypeOperators
     from executorch.exir.passes.replace_broken_ops_with_function_ops_pass import (
         ReplaceBrokenOpsWithFunctionalOpsPass)
     from executorch.exir.passes.sym_to_tensor_pass import SymToTensorPass
@@ -104,6 +137,9 @@ def _may_rewrite(p, gm) -> bool:
         return torch.ops.aten.t.default in _targets(gm)
     if type(p) is SymToTensorPass:
         return any(_sym_for_tensor(n) for mod in gm.modules() if isinstance(mod, torch.fx.GraphModule)
+                   for n in mod.graph.nodes if n.op == "call_function")
+    if type(p) is RemoveMixedTypeOperators:
+        return any(_mixed_types(n) for mod in gm.modules() if isinstance(mod, torch.fx.GraphModule)
                    for n in mod.graph.nodes if n.op == "call_function")
     if type(p) is ReplaceBrokenOpsWithFunctionalOpsPass:  # call_operator sees OpOverload(Packet)s and edge ops
         from executorch.exir.dialects.edge._ops import EdgeOpOverload
