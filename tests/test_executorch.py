@@ -307,8 +307,9 @@ def test_manifest_records_flavour_and_delegation(export_artifact):
 
 @pytest.mark.parametrize("flavour", ["portable", "fast"])
 def test_lean_lowering_writes_the_same_program(tiny, tiny_quant, flavour, monkeypatch):
-    """Skipping XNNPACK's retraces of unchanged partitions leaves the .pte byte-identical, and it
-    is active on the pinned executorch (else it would silently cost the time it saves)."""
+    """Skipping XNNPACK's retraces of unchanged partitions (and the per-partition recompiles of
+    the program) leaves the .pte byte-identical, and it is active on the pinned executorch (else
+    it would silently cost the time it saves)."""
     import contextlib
 
     from export import targets
@@ -321,10 +322,11 @@ def test_lean_lowering_writes_the_same_program(tiny, tiny_quant, flavour, monkey
         ep, _, _ = lowering.exported_program(job)
         return lowering.lower_program(ep, lowering.constant_methods(job), job.flavour.options["partitioners"])[0].buffer
 
-    with lean_lowering.lean_lowering() as active:
-        assert active, "lean_lowering is off: executorch is not the version it was checked against"
+    with lean_lowering.lean_lowering() as active, lean_lowering.partitions_recompiled_once() as once:
+        assert active and once, "lean_lowering is off: executorch is not the version it was checked against"
     lean = pte()
     monkeypatch.setattr(lowering, "lean_lowering", contextlib.nullcontext)
+    monkeypatch.setattr(lowering, "partitions_recompiled_once", contextlib.nullcontext)
     assert pte() == lean
 
 
@@ -387,7 +389,8 @@ def test_lean_edge_writes_the_same_program(tiny, tiny_quant, flavour, monkeypatc
     exported = lowering.exported_program
     monkeypatch.setattr(lowering, "exported_program", lambda *a: (out := exported(*a)) and retraces.append(out[0]) or out)
     lean = pte()
-    assert {"decomposition", "NormalizeTransposePass", "SymToTensorPass"} <= set(skipped), skipped
+    assert {"decomposition", "NormalizeTransposePass", "SymToTensorPass", "RemoveMixedTypeOperators"} <= set(skipped), \
+        skipped
     traced = [table for ep, table in retraces[1:] if ep is retraces[0]]  # (XNNPACK's pattern graphs have their own)
     assert len(traced) == 1 and traced[0], "the functionalization is not merged into the decomposition"
     monkeypatch.setattr(lowering, "lean_edge", contextlib.nullcontext)

@@ -117,3 +117,56 @@ def lean_lowering():
         yield True
     finally:
         _ExportPassBase.call, XNNPACKPassManager.transform = orig_call, orig_transform
+
+
+@contextlib.contextmanager
+def partitions_recompiled_once():
+    """While active, carving the delegated partitions out of the program regenerates the
+    program's Python code once, not once per partition (executorch 1.5.1).
+
+    ``create_submodule_from_nodes`` moves each partition into a submodule and then re-sorts the
+    whole top-level graph (``legalize_graph``), whose ``gm.graph = new_graph`` recompiles the
+    graph module: Python source for every node of the program, per partition (61 on SmolLM2,
+    ~5 % of the lowering). Between partitions nothing runs the program's code -- the partitions
+    are found, fused, inserted and erased on its ``Graph`` -- so while
+    ``_create_partitions_in_graph_module`` runs, ``legalize_graph`` sorts exactly as shipped
+    but leaves the recompile to its end, which recompiles once from the final graph. Code
+    generation reads only the graph, so the result is the same module; the .pte (built from the
+    graph, never from its code) is byte-identical.
+    """
+    if not supported():
+        yield False
+        return
+
+    from executorch.exir import lowered_backend_module
+    from executorch.exir.backend import backend_api
+
+    orig_legalize, orig_create = lowered_backend_module.legalize_graph, backend_api._create_partitions_in_graph_module
+    stale = []
+
+    def legalize_graph(gm):
+        if "recompile" in vars(gm):  # an instance override already: leave it alone
+            return orig_legalize(gm)
+        gm.__dict__["recompile"] = lambda: None  # the graph setter's recompile, deferred
+        try:
+            return orig_legalize(gm)
+        finally:
+            del gm.__dict__["recompile"]
+            stale.append(gm)
+
+    def create_partitions_in_graph_module(tagged_graph_module, *args, **kwargs):
+        try:
+            return orig_create(tagged_graph_module, *args, **kwargs)
+        finally:
+            while stale:
+                gm = stale.pop()
+                if not any(gm is g for g in stale):
+                    gm.recompile()
+
+    lowered_backend_module.legalize_graph = legalize_graph
+    backend_api._create_partitions_in_graph_module = create_partitions_in_graph_module
+    try:
+        yield True
+    finally:
+        lowered_backend_module.legalize_graph, backend_api._create_partitions_in_graph_module = \
+            orig_legalize, orig_create

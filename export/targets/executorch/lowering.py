@@ -39,7 +39,7 @@ from export.targets import Flavour
 from export.targets.executorch.filled_length import xnnpack_takes_filled_lengths
 from export.targets.executorch.lazy_codes import LazyCodes, check_codes, constants_shared_with_preprocess
 from export.targets.executorch.lean_edge import lean_edge
-from export.targets.executorch.lean_lowering import lean_lowering, supported
+from export.targets.executorch.lean_lowering import lean_lowering, partitions_recompiled_once, supported
 from export.targets.executorch.memory_plan import cache_planned_once
 from export.transforms import Transform
 
@@ -222,10 +222,11 @@ def lower_program(ep, constants: dict, partitioners=("xnnpack",), lazy: LazyCode
     status("executorch: lower: edge dialect and XNNPACK partitioning")
     if lazy is not None:
         lazy.on_packed = lambda n, total: status(f"executorch: lower: XNNPACK packed {n}/{total} quantized weights")
-    with lean_edge(), lean_lowering() as lean, xnnpack_takes_filled_lengths(), \
+    with lean_edge(), lean_lowering() as lean, partitions_recompiled_once(), xnnpack_takes_filled_lengths(), \
             (constants_shared_with_preprocess() if lean else contextlib.nullcontext()), \
             (lazy.reading() if lazy is not None else contextlib.nullcontext()):
         # the same program, without retraces that cannot change it (lean_edge.py, lean_lowering.py)
+        # or recompiles nothing runs (partitions_recompiled_once)
         edge = to_edge_transform_and_lower(ep, partitioner=[PARTITIONERS[p]() for p in partitioners],
                                            constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
