@@ -113,6 +113,13 @@ def cmd_parity(args) -> int:
         raise EdgeLLMError("--text and --no-text contradict each other; give one")
     if not args.reference and all(_is_eager(s) for s in args.specs):
         raise EdgeLLMError("every candidate is eager: give --reference SPEC to compare them with")
+    if args.accuracy_level is not None:
+        from runtime.backend import spec_class
+
+        checks.integer(args.accuracy_level, "--accuracy-level", 0, 4,
+                       fix="ONNX MatMulNBits: 0 exact dequantization, 4 int8 activations")
+        if not any("accuracy_level" in spec_class(s).accepts for s in args.specs):
+            raise EdgeLLMError("--accuracy-level applies to .onnx artifacts and none is given; drop it")
     from edgellm.artifact import read_manifest
     from edgellm.assets import fetch
     from runtime.parity import merge_reports, problems
@@ -135,7 +142,8 @@ def cmd_parity(args) -> int:
     # same int8 activation arithmetic its runtime applies (weight-only when it applies none).
     with TERM.activity(console) as progress:
         reports = compare_all(list(args.specs), args.reference, jobs=args.jobs, threads=args.threads,
-                              steps=args.steps, text=text, text_tokens=args.text_tokens, progress=progress)
+                              steps=args.steps, text=text, text_tokens=args.text_tokens,
+                              accuracy_level=args.accuracy_level, progress=progress)
     report = merge_reports(reports, order=list(args.specs))
     console.print(report.table())
     if args.json:
@@ -255,6 +263,9 @@ def parser() -> cli.Parser:
     q.add_argument("--json")
     q.add_argument("--plot")
     q.add_argument("--threads", type=int)
+    q.add_argument("--accuracy-level", type=int, metavar="N",
+                   help="ONNX candidates' MatMulNBits compute mode: 0 = exact int4 dequantization and fp32 "
+                        "activations, compared with the weight-only reference (default: the artifact's, 4)")
     q.add_argument("--jobs", type=int, help="artifacts compared at once, each group in its own process (default: "
                                             "one per core, as many as memory allows; 1 = in this process)")
     q.set_defaults(fn=cmd_parity)

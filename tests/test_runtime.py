@@ -92,6 +92,28 @@ def test_parity_cli_gives_each_int4_artifact_a_reference_with_its_activation_ari
         assert median <= 1e-5 and row["max_rel"] <= 5e-2, f"{name}: {median:.2e}/{row['max_rel']:.2e} vs {row['reference']}"
 
 
+def test_parity_cli_at_accuracy_level_0_compares_onnx_with_the_weight_only_reference(export_artifact, tmp_path,
+                                                                                       capsys):
+    """``--accuracy-level 0`` runs an .onnx with exact dequantization, so its reference carries no
+    activation arithmetic and every step agrees to float rounding (what checked the 7B .onnx);
+    the flag is refused up front when no candidate takes it."""
+    from runtime.__main__ import main
+
+    pte = export_artifact("executorch", "tiny", "int4", "portable")
+    onnx = export_artifact("onnx", "tiny", "int4")
+    out = tmp_path / "parity.json"
+    rc = main(["parity", str(onnx), str(pte), "--steps", "4", "--no-text", "--json", str(out), "--threads", "1",
+               "--accuracy-level", "0"])
+    rows = {r["candidate"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[str(onnx)]["reference"].endswith(":int4"), rows[str(onnx)]["reference"]
+    assert rows[str(onnx)]["max_rel"] <= 1e-4 and rows[str(onnx)]["top1"] == 1.0, rows[str(onnx)]
+    assert rows[str(pte)]["reference"].endswith("int4+int8-token-asym")  # an .pte has no such mode
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["parity", str(pte), "--accuracy-level", "0", "--no-text"]) != 0
+    assert "--accuracy-level applies to .onnx artifacts" in capsys.readouterr().err
+
+
 def test_noise_floor_of_a_float_reference_is_float_rounding(tiny_eager):
     """Without activation quantization the decoder is smooth: a 1e-7 perturbation stays ~1e-7
     (with int8 activations on a trained model it cascades; see the target tests' figures)."""

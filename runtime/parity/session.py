@@ -13,7 +13,7 @@ from edgellm.artifact import dir_size, read_manifest
 from edgellm.config import ModelConfig
 from edgellm.memory import available_bytes
 from edgellm.workers import cores, run_jobs
-from runtime.backend import load
+from runtime.backend import load, spec_class
 from runtime.backends.eager import EagerBackend
 from runtime.parity.harness import ParityReport, run_parity
 
@@ -27,16 +27,21 @@ def is_eager(spec: str) -> bool:
 
 
 def compare(specs: list[str], reference: str | None = None, *, threads: int | None = None, steps: int = 32,
-            text: str | None = None, text_tokens: int = 512, progress=print) -> list[ParityReport]:
+            text: str | None = None, text_tokens: int = 512, accuracy_level: int | None = None,
+            progress=print) -> list[ParityReport]:
     """One report per reference: ``reference`` for every SPEC if given, else for each activation
     arithmetic among the artifacts the eager model carrying it (rebuilt from the first manifest;
-    one alive at a time, each an fp32 copy of the model, the checkpoint read once)."""
+    one alive at a time, each an fp32 copy of the model, the checkpoint read once).
+    ``accuracy_level`` is given to the SPECs whose backend takes one (ONNX); at 0 their
+    arithmetic is exact, so their reference is the weight-only one."""
     status = getattr(progress, "status", progress)
     opts = {"threads": threads} if threads is not None else {}
     candidates = {}
     for s in specs:
         status(f"loading {s}")
-        candidates[s] = load(s, **opts)
+        level = {"accuracy_level": accuracy_level} \
+            if accuracy_level is not None and "accuracy_level" in spec_class(s).accepts else {}
+        candidates[s] = load(s, **opts, **level)
     manifests = [read_manifest(s, verify=False) for s in specs if not is_eager(s)]
     if reference is not None:
         groups = {None: candidates}
