@@ -129,3 +129,12 @@ def rand_weight(rows=64, cols=256, seed=0):
 def scale_exact(t):
     """Exact in fp16 (Core ML, ONNX) and in bf16 (XNNPACK's blockwise scales)."""
     return all(torch.equal(t.to(dt).to(torch.float32), t) for dt in (torch.float16, torch.bfloat16))
+
+
+def ctrl_c_reaches() -> None:
+    """``preexec_fn`` of a child a test interrupts as a terminal's Ctrl-C would: SIGINT at its
+    default. A test run started in the background (``cmd &`` in a script, as CI runners may)
+    inherits SIGINT ignored, and the child would then finish its work instead of exiting 130."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.errors import EdgeLLMError
+from helpers import ctrl_c_reaches
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (ROOT / "recipes" / "tiny.yaml").read_text()
@@ -356,7 +357,8 @@ def test_sigint_mid_export_exits_130_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "export", "--target", "onnx", "--recipe", "tiny", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                         preexec_fn=ctrl_c_reaches)
     for line in p.stdout:  # the progress lines; interrupt once tracing has started
         if "tracing" in line:
             break

@@ -16,6 +16,7 @@ import pytest
 
 from edgellm.errors import EdgeLLMError
 from edgellm.workers import run_jobs
+from helpers import ctrl_c_reaches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,7 +131,7 @@ def test_sigint_during_a_parallel_export_exits_130_and_leaves_nothing(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "export", "--target", "all", "--recipe", "tiny", "--out", str(out),
                           "--jobs", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=ctrl_c_reaches)
     for line in p.stdout:  # interrupt once both workers are tracing
         if "trac" in line:
             break
